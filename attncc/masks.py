@@ -1,0 +1,660 @@
+"""Mask algebra: predicates of (head, q, kv) over token positions.
+
+Every mask node has three faces that must agree exactly:
+
+* ``dense(h, q, kv)``: the reference, a bool tensor broadcast from integer
+  position tensors (the ground truth every kernel is tested against);
+* ``bounds(qb, kb)``: conservative block bounds, ``(may, must)`` bool tensors
+  over block pairs: ``may`` False proves no pair in the block is allowed,
+  ``must`` True proves every pair is allowed (closed form, no S x S);
+* ``triton(ctx)``: a Triton expression over ``q_pos`` ``[BM, 1]``, ``kv_pos``
+  ``[1, BN]`` (int64 token positions in model order), ``off_h`` and ``KV_LEN``.
+
+Positions are always the model's token order; permutations only change which
+tokens share a block (see :mod:`attncc.blocks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class MaskError(ValueError):
+    """A mask node is malformed; ``path`` is the key path inside the node."""
+
+    def __init__(self, message: str, path: tuple[str | int, ...] = ()):
+        super().__init__(message)
+        self.message = message
+        self.path = path
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Position summaries of token blocks, broadcastable as rows or columns.
+
+    ``lo``/``hi`` are the min/max original positions in each block (inclusive);
+    ``pos`` is ``[nblocks, B]`` original positions, -1 past the sequence end.
+    """
+
+    lo: Tensor
+    hi: Tensor
+    pos: Tensor
+    length: int
+
+    def box(self, grid: tuple[int, int, int]) -> tuple[Tensor, ...]:
+        """Per-block (t_lo, t_hi, h_lo, h_hi, w_lo, w_hi) over a row-major T x H x W grid."""
+        _, gh, gw = grid
+        valid = self.pos >= 0
+        p = self.pos.clamp(min=0)
+        coords = (p // (gh * gw), (p // gw) % gh, p % gw)
+        big = torch.iinfo(torch.int64).max
+        out = []
+        for c in coords:
+            out.append(torch.where(valid, c, big).amin(-1))
+            out.append(torch.where(valid, c, -1).amax(-1))
+        return tuple(out)
+
+    def view(self, rows: bool) -> Blocks:
+        shape = (-1, 1) if rows else (1, -1)
+        return Blocks(self.lo.view(shape), self.hi.view(shape), self.pos, self.length)
+
+
+def _all_true(n: int) -> tuple[bool, bool]:
+    return True, True
+
+
+class Mask:
+    """Base of all mask nodes (frozen dataclasses)."""
+
+    kind: ClassVar[str] = ""
+    #: True when the predicate reads data at run time (block selectors).
+    dynamic: ClassVar[bool] = False
+    #: True when the predicate depends on the head index.
+    uses_head: ClassVar[bool] = False
+
+    def dense(self, h: Tensor, q: Tensor, kv: Tensor, q_len: int, kv_len: int) -> Tensor:
+        raise NotImplementedError
+
+    def bounds(self, qb: Blocks, kb: Blocks, h: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def triton(self) -> str:
+        raise NotImplementedError
+
+    def to_spec(self) -> Any:
+        raise NotImplementedError
+
+    def children(self) -> tuple[Mask, ...]:
+        return ()
+
+    def walk(self):
+        yield self
+        for c in self.children():
+            yield from c.walk()
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(m.dynamic for m in self.walk())
+
+    @property
+    def depends_on_head(self) -> bool:
+        return any(m.uses_head for m in self.walk())
+
+    @property
+    def name(self) -> str:
+        """A short identifier usable in kernel names."""
+        return self.kind
+
+    def __str__(self) -> str:
+        return format_spec(self.to_spec())
+
+
+def format_spec(obj: Any) -> str:
+    if isinstance(obj, dict):
+        return "{" + ", ".join(f"{k}: {format_spec(v)}" for k, v in obj.items()) + "}"
+    if isinstance(obj, (list, tuple)):
+        return "[" + ", ".join(format_spec(v) for v in obj) + "]"
+    return str(obj)
+
+
+def _const(shape_like: Tensor, value: bool) -> Tensor:
+    return torch.full_like(shape_like, value, dtype=torch.bool)
+
+
+def _dist_bounds(qb: Blocks, kb: Blocks) -> tuple[Tensor, Tensor]:
+    """Range [dmin, dmax] of d = q - kv over a block pair (every integer inside is reachable
+    for contiguous blocks; a superset otherwise, which keeps the bounds conservative)."""
+    return qb.lo - kb.hi, qb.hi - kb.lo
+
+
+def _in_range(dmin: Tensor, dmax: Tensor, lo: int | float, hi: int | float) -> tuple[Tensor, Tensor]:
+    """(may, must) for the predicate lo <= d <= hi."""
+    may = (dmax >= lo) & (dmin <= hi)
+    must = (dmin >= lo) & (dmax <= hi)
+    return may, must
+
+
+@dataclass(frozen=True)
+class Full(Mask):
+    kind: ClassVar[str] = "full"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return torch.ones(torch.broadcast_shapes(h.shape, q.shape, kv.shape), dtype=torch.bool)
+
+    def bounds(self, qb, kb, h):
+        t = (qb.lo >= kb.lo) | True
+        return t, t
+
+    def triton(self):
+        return "(kv_pos >= 0)"
+
+    def to_spec(self):
+        return "full"
+
+
+@dataclass(frozen=True)
+class Causal(Mask):
+    """kv <= q."""
+
+    kind: ClassVar[str] = "causal"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return (kv <= q) & (h >= 0)
+
+    def bounds(self, qb, kb, h):
+        dmin, dmax = _dist_bounds(qb, kb)
+        return _in_range(dmin, dmax, 0, float("inf"))
+
+    def triton(self):
+        return "(kv_pos <= q_pos)"
+
+    def to_spec(self):
+        return "causal"
+
+
+@dataclass(frozen=True)
+class Window(Mask):
+    """q - before <= kv <= q + after. ``{window: N}`` is before=N-1, after=0."""
+
+    before: int
+    after: int
+    kind: ClassVar[str] = "window"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        d = q - kv
+        return (d <= self.before) & (d >= -self.after) & (h >= 0)
+
+    def bounds(self, qb, kb, h):
+        dmin, dmax = _dist_bounds(qb, kb)
+        return _in_range(dmin, dmax, -self.after, self.before)
+
+    def triton(self):
+        return f"((q_pos - kv_pos) <= {self.before}) & ((kv_pos - q_pos) <= {self.after})"
+
+    def to_spec(self):
+        if self.after == 0:
+            return {"window": self.before + 1}
+        return {"window": {"before": self.before, "after": self.after}}
+
+    @property
+    def name(self):
+        return f"window{self.before + 1}" if self.after == 0 else f"window{self.before}_{self.after}"
+
+
+@dataclass(frozen=True)
+class Sink(Mask):
+    """kv < n."""
+
+    n: int
+    kind: ClassVar[str] = "sink"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return (kv < self.n) & (q >= 0) & (h >= 0)
+
+    def bounds(self, qb, kb, h):
+        return (kb.lo < self.n) | (qb.lo < -1), (kb.hi < self.n) | (qb.lo < -1)
+
+    def triton(self):
+        return f"(kv_pos < {self.n})"
+
+    def to_spec(self):
+        return {"sink": self.n}
+
+    @property
+    def name(self):
+        return f"sink{self.n}"
+
+
+@dataclass(frozen=True)
+class Prefix(Sink):
+    """kv < n: a bidirectional prefix (compose with causal for prefix-LM)."""
+
+    kind: ClassVar[str] = "prefix"
+
+    def to_spec(self):
+        return {"prefix": self.n}
+
+    @property
+    def name(self):
+        return f"prefix{self.n}"
+
+
+@dataclass(frozen=True)
+class Global(Mask):
+    """q < n or kv < n."""
+
+    n: int
+    kind: ClassVar[str] = "global"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return ((q < self.n) | (kv < self.n)) & (h >= 0)
+
+    def bounds(self, qb, kb, h):
+        return (qb.lo < self.n) | (kb.lo < self.n), (qb.hi < self.n) | (kb.hi < self.n)
+
+    def triton(self):
+        return f"((q_pos < {self.n}) | (kv_pos < {self.n}))"
+
+    def to_spec(self):
+        return {"global": self.n}
+
+    @property
+    def name(self):
+        return f"global{self.n}"
+
+
+@dataclass(frozen=True)
+class Chunk(Mask):
+    """q // size == kv // size."""
+
+    size: int
+    kind: ClassVar[str] = "chunk"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return (q // self.size == kv // self.size) & (h >= 0)
+
+    def bounds(self, qb, kb, h):
+        s = self.size
+        qlo, qhi, klo, khi = qb.lo // s, qb.hi // s, kb.lo // s, kb.hi // s
+        may = (qlo <= khi) & (klo <= qhi)
+        must = (qlo == qhi) & (klo == khi) & (qlo == klo)
+        return may, must
+
+    def triton(self):
+        return f"((q_pos // {self.size}) == (kv_pos // {self.size}))"
+
+    def to_spec(self):
+        return {"chunk": self.size}
+
+    @property
+    def name(self):
+        return f"chunk{self.size}"
+
+
+@dataclass(frozen=True)
+class BlockCausal(Mask):
+    """kv // size <= q // size."""
+
+    size: int
+    kind: ClassVar[str] = "block_causal"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return (kv // self.size <= q // self.size) & (h >= 0)
+
+    def bounds(self, qb, kb, h):
+        s = self.size
+        return kb.lo // s <= qb.hi // s, kb.hi // s <= qb.lo // s
+
+    def triton(self):
+        return f"((kv_pos // {self.size}) <= (q_pos // {self.size}))"
+
+    def to_spec(self):
+        return {"block_causal": self.size}
+
+    @property
+    def name(self):
+        return f"blockcausal{self.size}"
+
+
+@dataclass(frozen=True)
+class Strided(Mask):
+    """(q - kv) % stride == 0 (both directions; compose with causal for the past only)."""
+
+    stride: int
+    kind: ClassVar[str] = "strided"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return ((q - kv) % self.stride == 0) & (h >= 0)
+
+    def bounds(self, qb, kb, h):
+        s = self.stride
+        dmin, dmax = _dist_bounds(qb, kb)
+        # a multiple of s lies in [dmin, dmax] iff floor(dmax / s) * s >= dmin
+        may = torch.div(dmax, s, rounding_mode="floor") * s >= dmin
+        must = (dmin == dmax) & (dmin % s == 0) if s > 1 else may
+        return may, must
+
+    def triton(self):
+        # Triton's % follows C (sign of the dividend); take |q - kv| first.
+        return f"((tl.abs(q_pos - kv_pos) % {self.stride}) == 0)"
+
+    def to_spec(self):
+        return {"strided": self.stride}
+
+    @property
+    def name(self):
+        return f"strided{self.stride}"
+
+
+@dataclass(frozen=True)
+class Power(Mask):
+    """PowerAttention-style: d = q - kv >= 0 and (d < local or d is a power of two)."""
+
+    local: int
+    kind: ClassVar[str] = "power"
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        d = q - kv
+        pow2 = (d > 0) & ((d & (d - 1)) == 0)
+        return (d >= 0) & ((d < self.local) | pow2) & (h >= 0)
+
+    def bounds(self, qb, kb, h):
+        dmin, dmax = _dist_bounds(qb, kb)
+        # may: some d in [max(dmin,0), dmax] is < local or a power of two; the largest power of
+        # two <= dmax is >= lo iff the interval holds one.
+        lo = dmin.clamp(min=0)
+        top = torch.where(dmax >= 1, torch.pow(2, torch.floor(torch.log2(dmax.clamp(min=1).double()))).long(), 0)
+        # guard float rounding of log2 near powers of two
+        top = torch.where(top * 2 <= dmax, top * 2, top)
+        top = torch.where(top > dmax, top // 2, top)
+        may = (dmax >= 0) & ((lo < self.local) | ((top >= lo) & (top >= 1)))
+        must = (dmin >= 0) & (dmax < self.local)
+        return may, must
+
+    def triton(self):
+        d = "(q_pos - kv_pos)"
+        return f"(({d} >= 0) & (({d} < {self.local}) | (({d} > 0) & (({d} & ({d} - 1)) == 0))))"
+
+    def to_spec(self):
+        return {"power": self.local}
+
+    @property
+    def name(self):
+        return f"power{self.local}"
+
+
+_HASH_MUL = 1274126177
+
+
+def random_block_hash(seed: int, head, qblock, j: int):
+    """The 31-bit hash behind ``random_blocks``; works on ints and int64 tensors alike
+    and is emitted identically in Triton (all intermediate values stay below 2**63)."""
+    x = (seed * 1000003 + head * 7919 + qblock * 104729 + j * 15485863) & 0x7FFFFFFF
+    x = x ^ (x >> 13)
+    x = (x * _HASH_MUL) & 0x7FFFFFFF
+    return x ^ (x >> 16)
+
+
+@dataclass(frozen=True)
+class RandomBlocks(Mask):
+    """BigBird-style random blocks: with B = block, query block qb = q // B sees kv block
+    (random_block_hash(seed, head, qb, j) % ceil(kv_len / B)) for j < n (up to n distinct)."""
+
+    n: int
+    seed: int
+    block: int = 64
+    kind: ClassVar[str] = "random_blocks"
+    uses_head: ClassVar[bool] = True
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        nkb = -(-kv_len // self.block)
+        qblk, kblk = q // self.block, kv // self.block
+        out = torch.zeros(torch.broadcast_shapes(h.shape, q.shape, kv.shape), dtype=torch.bool)
+        for j in range(self.n):
+            out |= kblk == random_block_hash(self.seed, h, qblk, j) % nkb
+        return out
+
+    def bounds(self, qb, kb, h):
+        # exact when blocks align with ``block``; conservative otherwise (refined later)
+        b = self.block
+        aligned_q = (qb.lo // b) == (qb.hi // b)
+        aligned_k = (kb.lo // b) == (kb.hi // b)
+        nkb = -(-kb.length // b)
+        hit = torch.zeros(torch.broadcast_shapes(qb.lo.shape, kb.lo.shape), dtype=torch.bool)
+        for j in range(self.n):
+            hit |= (kb.lo // b) == random_block_hash(self.seed, h, qb.lo // b, j) % nkb
+        exact = aligned_q & aligned_k
+        may = torch.where(exact, hit, torch.ones_like(hit))
+        must = exact & hit
+        return may, must
+
+    def triton(self):
+        b = self.block
+        terms = []
+        for j in range(self.n):
+            x = f"((({self.seed * 1000003 + j * 15485863} + off_h * 7919 + (q_pos // {b}) * 104729)) & 0x7FFFFFFF)"
+            terms.append(f"((kv_pos // {b}) == (_rb_hash({x}) % ((KV_LEN + {b - 1}) // {b})))")
+        return "(" + " | ".join(terms) + ")"
+
+    def to_spec(self):
+        return {"random_blocks": {"n": self.n, "seed": self.seed, "block": self.block}}
+
+    @property
+    def name(self):
+        return f"random{self.n}"
+
+
+@dataclass(frozen=True)
+class Tile3D(Mask):
+    """3D neighbourhood on a row-major T x H x W token grid: |dt| <= wt, |dh| <= wh, |dw| <= ww
+    (``window`` holds half-extents: the box is (2wt+1) x (2wh+1) x (2ww+1))."""
+
+    grid: tuple[int, int, int]
+    window: tuple[int, int, int]
+    kind: ClassVar[str] = "tile3d"
+
+    def _coords(self, p):
+        _, gh, gw = self.grid
+        return p // (gh * gw), (p // gw) % gh, p % gw
+
+    def check_len(self, n: int, what: str) -> None:
+        total = self.grid[0] * self.grid[1] * self.grid[2]
+        if n != total:
+            raise MaskError(
+                f"tile3d grid {list(self.grid)} holds {total} tokens but the {what} length is {n}"
+            )
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        self.check_len(q_len, "query")
+        self.check_len(kv_len, "key")
+        ok = h >= 0
+        for a, b, w in zip(self._coords(q), self._coords(kv), self.window):
+            ok = ok & ((a - b).abs() <= w)
+        return ok
+
+    def bounds(self, qb, kb, h):
+        qbox, kbox = qb.box(self.grid), kb.box(self.grid)
+        may = must = None
+        for axis, w in enumerate(self.window):
+            qlo, qhi = qbox[2 * axis].view(-1, 1), qbox[2 * axis + 1].view(-1, 1)
+            klo, khi = kbox[2 * axis].view(1, -1), kbox[2 * axis + 1].view(1, -1)
+            a_may, a_must = _in_range(qlo - khi, qhi - klo, -w, w)
+            may = a_may if may is None else may & a_may
+            must = a_must if must is None else must & a_must
+        return may, must
+
+    def triton(self):
+        _, gh, gw = self.grid
+        wt, wh, ww = self.window
+        hw = gh * gw
+        return (
+            f"(tl.abs(q_pos // {hw} - kv_pos // {hw}) <= {wt}) & "
+            f"(tl.abs((q_pos // {gw}) % {gh} - (kv_pos // {gw}) % {gh}) <= {wh}) & "
+            f"(tl.abs(q_pos % {gw} - kv_pos % {gw}) <= {ww})"
+        )
+
+    def to_spec(self):
+        return {"tile3d": {"grid": list(self.grid), "window": list(self.window)}}
+
+    @property
+    def name(self):
+        return "tile3d"
+
+
+@dataclass(frozen=True)
+class All(Mask):
+    items: tuple[Mask, ...]
+    kind: ClassVar[str] = "all"
+
+    def children(self):
+        return self.items
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        out = self.items[0].dense(h, q, kv, q_len, kv_len)
+        for m in self.items[1:]:
+            out = out & m.dense(h, q, kv, q_len, kv_len)
+        return out
+
+    def bounds(self, qb, kb, h):
+        may, must = self.items[0].bounds(qb, kb, h)
+        for m in self.items[1:]:
+            a, b = m.bounds(qb, kb, h)
+            may, must = may & a, must & b
+        return may, must
+
+    def triton(self):
+        return "(" + " & ".join(m.triton() for m in self.items) + ")"
+
+    def to_spec(self):
+        return {"all": [m.to_spec() for m in self.items]}
+
+    @property
+    def name(self):
+        return "_".join(m.name for m in self.items)
+
+
+@dataclass(frozen=True)
+class Any_(Mask):
+    items: tuple[Mask, ...]
+    kind: ClassVar[str] = "any"
+
+    def children(self):
+        return self.items
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        out = self.items[0].dense(h, q, kv, q_len, kv_len)
+        for m in self.items[1:]:
+            out = out | m.dense(h, q, kv, q_len, kv_len)
+        return out
+
+    def bounds(self, qb, kb, h):
+        may, must = self.items[0].bounds(qb, kb, h)
+        for m in self.items[1:]:
+            a, b = m.bounds(qb, kb, h)
+            may, must = may | a, must | b
+        return may, must
+
+    def triton(self):
+        return "(" + " | ".join(m.triton() for m in self.items) + ")"
+
+    def to_spec(self):
+        return {"any": [m.to_spec() for m in self.items]}
+
+    @property
+    def name(self):
+        return "_or_".join(m.name for m in self.items)
+
+
+@dataclass(frozen=True)
+class Not(Mask):
+    item: Mask
+    kind: ClassVar[str] = "not"
+
+    def children(self):
+        return (self.item,)
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return ~self.item.dense(h, q, kv, q_len, kv_len)
+
+    def bounds(self, qb, kb, h):
+        may, must = self.item.bounds(qb, kb, h)
+        return ~must, ~may
+
+    def triton(self):
+        return f"(~{self.item.triton()})"
+
+    def to_spec(self):
+        return {"not": self.item.to_spec()}
+
+    @property
+    def name(self):
+        return f"not_{self.item.name}"
+
+
+@dataclass(frozen=True)
+class Selector(Mask):
+    """Data-dependent block selection (``topk`` / ``threshold``). Parsed and validated in
+    spec v1; executed only where the dynamic-sparsity support is present."""
+
+    method: str  # "topk" | "threshold"
+    params: tuple[tuple[str, Any], ...]
+    kind: ClassVar[str] = "selector"
+    dynamic: ClassVar[bool] = True
+
+    def param(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+    def to_spec(self):
+        return {self.method: dict(self.params)}
+
+    def _static(self, what: str):
+        raise MaskError(f"'{self.method}' selects blocks from the data at run time and has no static {what}")
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        self._static("dense mask")
+
+    def bounds(self, qb, kb, h):
+        self._static("block classification")
+
+    def triton(self):
+        self._static("predicate")
+
+    @property
+    def name(self):
+        return self.method
+
+
+def conj(*masks: Mask | None) -> Mask:
+    """Intersection, flattening nested ``all`` and dropping ``full``."""
+    items: list[Mask] = []
+    for m in masks:
+        if m is None or isinstance(m, Full):
+            continue
+        for x in m.items if isinstance(m, All) else (m,):
+            if x not in items:
+                items.append(x)
+    if not items:
+        return Full()
+    return items[0] if len(items) == 1 else All(tuple(items))
+
+
+def dense(mask: Mask, q_len: int, kv_len: int, num_heads: int = 1, heads: list[int] | None = None,
+          q_offset: int = 0, device=None) -> Tensor:
+    """Dense bool mask ``[H, q_len, kv_len]`` (model token order)."""
+    hs = torch.tensor(heads if heads is not None else list(range(num_heads)), device=device).view(-1, 1, 1)
+    q = torch.arange(q_len, device=device).view(1, -1, 1) + q_offset
+    kv = torch.arange(kv_len, device=device).view(1, 1, -1)
+    out = mask.dense(hs, q, kv, q_len, kv_len)
+    return out.expand(hs.shape[0], q_len, kv_len).clone()
+
+
+PRIMITIVES = ("full", "causal", "window", "sink", "prefix", "global", "chunk", "block_causal",
+              "strided", "power", "random_blocks", "tile3d", "all", "any", "not", "topk", "threshold")
+SELECTOR_SCORES = ("mean_pool", "antidiagonal", "draft")
+_ = dataclasses  # re-exported for subclasses elsewhere

@@ -1,0 +1,138 @@
+"""The plan IR: everything a kernel needs to know about one bound attention site."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from attncc import masks as M
+from attncc.blocks import BlockTable, build_block_table
+from attncc.permute import TilePermutation
+
+DTypeName = Literal["float32", "float16", "bfloat16", "float64"]
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """A bound attention site. Layout contract of every executor: q ``[B, H, Sq, D]``,
+    k/v ``[B, Hkv, Skv, D]`` / ``[B, Hkv, Skv, Dv]``, output ``[B, H, Sq, Dv]``, all in the
+    model's token order; ``mask_tensor`` (when ``mask_kind`` is set) broadcasts to
+    ``[B, H, Sq, Skv]``: bool (True = may attend) or additive float.
+
+    ``programs[head_to_program[h]]`` is head ``h``'s final mask: the spec mask already
+    intersected with the model's structural mask. Rows left with no key output zeros.
+    """
+
+    programs: tuple[M.Mask, ...]
+    head_to_program: tuple[int, ...]
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    head_dim_v: int
+    dtype: DTypeName
+    scale: float
+    block_q: int = 64
+    block_kv: int = 64
+    permute: TilePermutation | None = None
+    mask_kind: Literal["bool", "additive"] | None = None
+    q_offset: int = 0
+    rule: str = ""
+    name: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if len(self.head_to_program) != self.num_heads:
+            raise ValueError(f"head_to_program has {len(self.head_to_program)} entries for {self.num_heads} heads")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{self.num_heads} query heads do not group into {self.num_kv_heads} kv heads")
+        if self.permute is not None:
+            self.permute.check(self.q_len, "query")
+            self.permute.check(self.kv_len, "key")
+
+    @property
+    def gqa_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def pattern(self) -> str:
+        """Short name of the mask pattern, used in kernel names."""
+        names = sorted({p.name for p in self.programs})
+        s = "heads_" + "_".join(names) if len(names) > 1 else names[0]
+        return "".join(c if c.isalnum() or c == "_" else "_" for c in s)[:48]
+
+    def to_dict(self) -> dict:
+        return {
+            "rule": self.rule,
+            "programs": [p.to_spec() for p in self.programs],
+            "head_to_program": list(self.head_to_program),
+            "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
+            "q_len": self.q_len, "kv_len": self.kv_len, "head_dim": self.head_dim,
+            "head_dim_v": self.head_dim_v, "dtype": self.dtype, "scale": self.scale,
+            "block_q": self.block_q, "block_kv": self.block_kv,
+            "permute": self.permute.to_spec() if self.permute else None,
+            "mask_kind": self.mask_kind, "q_offset": self.q_offset,
+        }
+
+    def key(self) -> str:
+        """Stable hash of everything that changes the computation."""
+        d = self.to_dict()
+        d.pop("rule")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        """A human-readable print of the plan."""
+        lines = [f"plan {self.key()}  rule={self.rule or '-'}"]
+        lines.append(f"  heads {self.num_heads} (kv {self.num_kv_heads}), q_len {self.q_len}, kv_len {self.kv_len}, "
+                     f"head_dim {self.head_dim}/{self.head_dim_v}, {self.dtype}, scale {self.scale:.6g}")
+        lines.append(f"  blocks {self.block_q}x{self.block_kv}, q_offset {self.q_offset}, "
+                     f"permute {self.permute.to_spec() if self.permute else 'none'}, model mask tensor {self.mask_kind or 'none'}")
+        for i, p in enumerate(self.programs):
+            heads = [h for h, j in enumerate(self.head_to_program) if j == i]
+            lines.append(f"  program {i} heads {_ranges(heads)}: {p}")
+        return "\n".join(lines)
+
+    # -- derived data -----------------------------------------------------------------------
+    def program_heads(self) -> list[int]:
+        """A representative head per program (for head-dependent masks)."""
+        return [self.head_to_program.index(i) for i in range(len(self.programs))]
+
+    def order(self, device=None) -> torch.Tensor | None:
+        return None if self.permute is None else self.permute.index(device)
+
+    def block_table(self, device=None) -> BlockTable:
+        return _block_table(self).to(device) if device is not None else _block_table(self)
+
+    def dense_mask(self, device=None) -> torch.Tensor:
+        """[H, Sq, Skv] bool in model order: the structural part of the plan's mask."""
+        out = torch.empty(self.num_heads, self.q_len, self.kv_len, dtype=torch.bool, device=device)
+        for i, prog in enumerate(self.programs):
+            heads = [h for h, j in enumerate(self.head_to_program) if j == i]
+            out[heads] = M.dense(prog, self.q_len, self.kv_len, heads=heads, q_offset=self.q_offset, device=device)
+        return out
+
+
+@functools.lru_cache(maxsize=64)
+def _block_table(plan: AttentionPlan) -> BlockTable:
+    order = plan.order()
+    for p in plan.programs:
+        if p.is_dynamic:
+            raise ValueError(f"mask {p} selects blocks at run time and has no static block table")
+    return build_block_table(list(plan.programs), plan.program_heads(), plan.q_len, plan.kv_len, plan.block_q,
+                             plan.block_kv, order, order, plan.q_offset)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)

@@ -1,0 +1,1 @@
+"""Code generation: plans -> Triton kernels, block tables, executors and the kernel dump."""
