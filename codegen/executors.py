@@ -1,0 +1,34 @@
+"""Executors: run an AttentionPlan on tensors. ``run`` is the one entry point the custom op calls."""
+
+from __future__ import annotations
+
+import torch
+
+from attncc.plan import AttentionPlan
+
+EXECUTORS = ("auto", "triton", "interpret", "torch", "reference")
+
+
+def resolve_executor(name: str, device: torch.device) -> str:
+    """``auto`` -> ``triton`` on CUDA, ``torch`` on CPU; validates the name."""
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor '{name}'; expected one of {', '.join(EXECUTORS)}")
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return name
+
+
+def run(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        mask_tensor: torch.Tensor | None = None, executor: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward attention per the plan: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``."""
+    name = resolve_executor(executor, q.device)
+    if name == "reference":
+        from attncc.codegen.reference import attention_reference
+
+        return attention_reference(plan, q, k, v, mask_tensor)
+    if name == "torch":
+        # the block-sparse CPU path replaces this fallback when it lands
+        from attncc.codegen.reference import attention_reference
+
+        return attention_reference(plan, q, k, v, mask_tensor)
+    raise NotImplementedError(f"executor '{name}' is not available yet")
