@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from attncc.plan import AttentionPlan
@@ -18,8 +20,14 @@ def resolve_executor(name: str, device: torch.device) -> str:
     return name
 
 
-def run(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        mask_tensor: torch.Tensor | None = None, executor: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def run(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_tensor: torch.Tensor | None = None,
+    executor: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward attention per the plan: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``."""
     name = resolve_executor(executor, q.device)
     if name == "reference":
@@ -27,8 +35,14 @@ def run(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
         return attention_reference(plan, q, k, v, mask_tensor)
     if name == "torch":
-        # the block-sparse CPU path replaces this fallback when it lands
-        from attncc.codegen.reference import attention_reference
+        if importlib.util.find_spec("attncc.codegen.torch_exec") is not None:
+            from attncc.codegen.torch_exec import attention_torch
+        else:
+            # until the block-sparse CPU path exists, the dense oracle serves
+            from attncc.codegen.reference import attention_reference as attention_torch
+        return attention_torch(plan, q, k, v, mask_tensor)
+    from attncc.codegen.forward import attention_fwd
 
-        return attention_reference(plan, q, k, v, mask_tensor)
-    raise NotImplementedError(f"executor '{name}' is not available yet")
+    if name == "interpret":
+        return attention_fwd(plan, q, k, v, mask_tensor, target="interpret")
+    return attention_fwd(plan, q, k, v, mask_tensor, target="cuda")

@@ -1,0 +1,148 @@
+"""Launch a plan's generated forward kernel: ``triton`` on CUDA tensors, ``interpret`` on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from attncc.codegen.cache import KernelCache, default_cache
+from attncc.codegen.generate import TRITON_DTYPES, kernel_constexprs
+
+from attncc.blocks import BlockTable
+from attncc.plan import AttentionPlan
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_device_data: dict[tuple[AttentionPlan, str], tuple[BlockTable, torch.Tensor, torch.Tensor | None]] = {}
+
+
+def device_data(plan: AttentionPlan, device: torch.device) -> tuple[BlockTable, torch.Tensor, torch.Tensor | None]:
+    """(block table, head -> program int32, permutation int64) on ``device``, built once per plan."""
+    key = (plan, str(device))
+    hit = _device_data.get(key)
+    if hit is None:
+        table = plan.block_table(device)
+        head_to_program = torch.tensor(plan.head_to_program, dtype=torch.int32, device=device)
+        order = plan.order(device)
+        hit = (table, head_to_program, None if order is None else order.to(torch.int64).contiguous())
+        if len(_device_data) > 256:
+            _device_data.clear()
+        _device_data[key] = hit
+    return hit
+
+
+def _check_inputs(plan: AttentionPlan, q, k, v, mask_tensor) -> None:
+    if plan.dtype not in TRITON_DTYPES:
+        raise ValueError(f"plan dtype {plan.dtype} has no Triton kernel; use executor='reference'")
+    want = _TORCH_DTYPES[plan.dtype]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, seq, dim], got shape {tuple(t.shape)}")
+        if t.dtype != want:
+            raise ValueError(f"{name} has dtype {t.dtype} but the plan was built for {plan.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    b = q.shape[0]
+    expect = {
+        "q": (b, plan.num_heads, plan.q_len, plan.head_dim),
+        "k": (b, plan.num_kv_heads, plan.kv_len, plan.head_dim),
+        "v": (b, plan.num_kv_heads, plan.kv_len, plan.head_dim_v),
+    }
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if tuple(t.shape) != expect[name]:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, the plan expects {expect[name]}")
+    if (mask_tensor is None) != (plan.mask_kind is None):
+        raise ValueError(
+            f"plan mask_kind is {plan.mask_kind!r} but mask_tensor is {'missing' if mask_tensor is None else 'given'}"
+        )
+    if mask_tensor is not None:
+        if (mask_tensor.dtype == torch.bool) != (plan.mask_kind == "bool"):
+            raise ValueError(f"mask_tensor dtype {mask_tensor.dtype} does not match plan mask_kind {plan.mask_kind!r}")
+        if mask_tensor.device != q.device:
+            raise ValueError(f"mask_tensor is on {mask_tensor.device} but q is on {q.device}")
+
+
+def attention_fwd(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_tensor: torch.Tensor | None = None,
+    *,
+    target: str | None = None,
+    cache: KernelCache | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    visits: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the plan's generated kernel: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``.
+
+    ``target`` is ``cuda`` (default for CUDA tensors) or ``interpret`` (CPU tensors, Triton
+    interpreter). ``out``/``lse`` may be given (tests pre-fill them with NaN); ``visits``, an
+    int32 ``[B * H, num_q_blocks]`` tensor, receives the number of kv blocks each program visited.
+    """
+    _check_inputs(plan, q, k, v, mask_tensor)
+    target = target or ("cuda" if q.device.type == "cuda" else "interpret")
+    if target == "cuda" and q.device.type != "cuda":
+        raise ValueError(f"executor 'triton' needs CUDA tensors, got {q.device}; use 'interpret' or 'torch' on CPU")
+    if target == "interpret" and q.device.type != "cpu":
+        raise ValueError(f"executor 'interpret' runs on CPU tensors, got {q.device}")
+    kernel = (cache or default_cache()).kernel(plan, target)
+    dev = q.device
+    table, head_to_program, order = device_data(plan, dev)
+    b, h = q.shape[0], plan.num_heads
+    if out is None:
+        out = torch.empty(b, h, plan.q_len, plan.head_dim_v, dtype=q.dtype, device=dev)
+    if lse is None:
+        lse = torch.empty(b, h, plan.q_len, dtype=torch.float32, device=dev)
+    if tuple(lse.shape) != (b, h, plan.q_len) or not lse.is_contiguous() or lse.dtype != torch.float32:
+        raise ValueError("lse must be a contiguous fp32 [B, H, Sq] tensor")
+    placeholder = torch.zeros(1, dtype=torch.int8, device=dev)
+    if mask_tensor is not None:
+        mask = torch.broadcast_to(mask_tensor, (b, h, plan.q_len, plan.kv_len))
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.int8)
+        mask_strides = mask.stride()
+    else:
+        mask, mask_strides = placeholder, (0, 0, 0, 0)
+    if visits is not None and (tuple(visits.shape) != (b * h, table.num_q_blocks) or visits.dtype != torch.int32):
+        raise ValueError(f"visits must be int32 [{b * h}, {table.num_q_blocks}]")
+    args = {
+        "Q": q,
+        "K": k,
+        "V": v,
+        "Out": out,
+        "Lse": lse,
+        "MaskTensor": mask,
+        "Order": order if order is not None else placeholder.to(torch.int64),
+        "HeadToProgram": head_to_program,
+        "KvNumBlocks": table.kv_num_blocks.contiguous(),
+        "KvIndices": table.kv_indices.contiguous(),
+        "FullNumBlocks": table.full_num_blocks.contiguous(),
+        "FullIndices": table.full_indices.contiguous(),
+        "Visits": visits if visits is not None else placeholder.to(torch.int32),
+    }
+    for t, x, dims in (("q", q, "bhsd"), ("k", k, "bhsd"), ("v", v, "bhsd"), ("o", out, "bhsd")):
+        for dim, s in zip(dims, x.stride()):
+            args[f"stride_{t}{dim}"] = s
+    for dim, s in zip("bhqk", mask_strides):
+        args[f"stride_m{dim}"] = s
+    args.update(
+        {
+            "qk_scale": plan.scale * math.log2(math.e),
+            "Q_LEN": plan.q_len,
+            "KV_LEN": plan.kv_len,
+            "Q_OFFSET": plan.q_offset,
+            "NUM_Q_BLOCKS": table.num_q_blocks,
+            "MAX_PARTIAL": table.kv_indices.shape[-1],
+            "MAX_FULL": table.full_indices.shape[-1],
+        }
+    )
+    args.update(kernel_constexprs(plan, count_visits=visits is not None, dot_fp32=target == "interpret"))
+    args = {name: args[name] for name in kernel.arg_names}
+    if num_warps is None:
+        num_warps = 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4
+    grid = (table.num_q_blocks, b * h)
+    kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
+    return out, lse
