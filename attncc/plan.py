@@ -51,6 +51,20 @@ class AttentionPlan:
             raise ValueError(f"head_to_program has {len(self.head_to_program)} entries for {self.num_heads} heads")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} query heads do not group into {self.num_kv_heads} kv heads")
+        # block tables are built per program from one representative head; a head-dependent mask
+        # (random_blocks) has a different block structure per head, so each head gets its own program
+        if any(p.depends_on_head and self.head_to_program.count(i) > 1 for i, p in enumerate(self.programs)):
+            programs: list[M.Mask] = []
+            index: list[int] = []
+            seen: dict[tuple[int, int], int] = {}
+            for h, i in enumerate(self.head_to_program):
+                key = (i, h if self.programs[i].depends_on_head else -1)
+                if key not in seen:
+                    seen[key] = len(programs)
+                    programs.append(self.programs[i])
+                index.append(seen[key])
+            object.__setattr__(self, "programs", tuple(programs))
+            object.__setattr__(self, "head_to_program", tuple(index))
         if self.permute is not None:
             self.permute.check(self.q_len, "query")
             self.permute.check(self.kv_len, "key")
