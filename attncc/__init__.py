@@ -15,8 +15,7 @@ __version__ = "0.1.0"
 __all__ = ["Spec", "SpecError", "MaskError", "load_spec", "dense_mask", "__version__"]
 
 
-def dense_mask(spec, q_len: int, kv_len: int | None = None, num_heads: int = 1, layer: int = 0,
-               module: str = ""):
+def dense_mask(spec, q_len: int, kv_len: int | None = None, num_heads: int = 1, layer: int = 0, module: str = ""):
     """Bool ``[H, Sq, Skv]`` mask the spec gives an attention at ``layer``/``module``, in the
     model's token order (the reference every kernel is tested against). A site no rule
     matches is dense (all True)."""

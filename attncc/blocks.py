@@ -12,13 +12,14 @@ from attncc.masks import Blocks, Mask
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-#: upper bound on elements evaluated at once when refining partial blocks exactly
-_REFINE_ELEMS = 1 << 23
-_ROW_PAIRS = 1 << 22
+#: token pairs evaluated at once when refining partial blocks exactly (bounds peak memory:
+#: a few int64 temporaries of this many elements)
+_REFINE_ELEMS = 1 << 20
+#: block pairs bounded at once (rows of the block map per chunk = this // kv blocks)
+_ROW_PAIRS = 1 << 20
 
 
-def token_blocks(length: int, block: int, order: torch.Tensor | None = None, offset: int = 0,
-                 device=None) -> Blocks:
+def token_blocks(length: int, block: int, order: torch.Tensor | None = None, offset: int = 0, device=None) -> Blocks:
     """Summaries of ``ceil(length / block)`` blocks; ``order[i]`` is the model position at
     kernel slot ``i`` (identity when None); ``offset`` shifts positions (query offset)."""
     nb = -(-length // block)
@@ -39,8 +40,9 @@ def _rows(b: Blocks, sl: slice) -> Blocks:
     return Blocks(b.lo[sl], b.hi[sl], b.pos[sl], b.length)
 
 
-def classify_rows(mask: Mask, qb: Blocks, kb: Blocks, head: int = 0, q_len: int | None = None,
-                  kv_len: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+def classify_rows(
+    mask: Mask, qb: Blocks, kb: Blocks, head: int = 0, q_len: int | None = None, kv_len: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(first_row, labels[rows, n_kv_blocks])`` with exact EMPTY/PARTIAL/FULL labels.
 
     Closed-form bounds settle most pairs; the pairs they leave open are evaluated exactly on
@@ -61,8 +63,7 @@ def classify_rows(mask: Mask, qb: Blocks, kb: Blocks, head: int = 0, q_len: int 
         yield r0, labels
 
 
-def _refine(mask: Mask, labels: torch.Tensor, qb: Blocks, kb: Blocks, head: int, q_len: int,
-            kv_len: int) -> None:
+def _refine(mask: Mask, labels: torch.Tensor, qb: Blocks, kb: Blocks, head: int, q_len: int, kv_len: int) -> None:
     qi, ki = (labels == PARTIAL).nonzero(as_tuple=True)
     if qi.numel() == 0:
         return
@@ -70,7 +71,7 @@ def _refine(mask: Mask, labels: torch.Tensor, qb: Blocks, kb: Blocks, head: int,
     step = max(1, _REFINE_ELEMS // (bq * bk))
     h = torch.tensor(head, device=qi.device).view(1, 1, 1)
     for s in range(0, qi.numel(), step):
-        q_i, k_i = qi[s:s + step], ki[s:s + step]
+        q_i, k_i = qi[s : s + step], ki[s : s + step]
         qpos, kpos = qb.pos[q_i], kb.pos[k_i]
         valid = (qpos >= 0)[:, :, None] & (kpos >= 0)[:, None, :]
         allowed = mask.dense(h, qpos[:, :, None], kpos[:, None, :], q_len, kv_len)
@@ -79,9 +80,17 @@ def _refine(mask: Mask, labels: torch.Tensor, qb: Blocks, kb: Blocks, head: int,
         labels[q_i, k_i] = torch.where(allv, FULL, torch.where(anyv, PARTIAL, EMPTY)).to(torch.int8)
 
 
-def classify(mask: Mask, q_len: int, kv_len: int, block_q: int, block_kv: int, head: int = 0,
-             q_order: torch.Tensor | None = None, kv_order: torch.Tensor | None = None,
-             q_offset: int = 0) -> torch.Tensor:
+def classify(
+    mask: Mask,
+    q_len: int,
+    kv_len: int,
+    block_q: int,
+    block_kv: int,
+    head: int = 0,
+    q_order: torch.Tensor | None = None,
+    kv_order: torch.Tensor | None = None,
+    q_offset: int = 0,
+) -> torch.Tensor:
     """Block map ``[nq, nk]`` int8 of EMPTY/PARTIAL/FULL in kernel (permuted) order."""
     qb = token_blocks(q_len, block_q, q_order, q_offset)
     kb = token_blocks(kv_len, block_kv, kv_order)
@@ -114,9 +123,15 @@ class BlockTable:
         return self.visited().double() / (self.num_q_blocks * self.num_kv_blocks)
 
     def to(self, device) -> BlockTable:
-        return BlockTable(self.kv_num_blocks.to(device), self.kv_indices.to(device),
-                          self.full_num_blocks.to(device), self.full_indices.to(device),
-                          self.block_q, self.block_kv, self.num_kv_blocks)
+        return BlockTable(
+            self.kv_num_blocks.to(device),
+            self.kv_indices.to(device),
+            self.full_num_blocks.to(device),
+            self.full_indices.to(device),
+            self.block_q,
+            self.block_kv,
+            self.num_kv_blocks,
+        )
 
     def transposed(self) -> BlockTable:
         """The same pairs listed per kv block (query blocks per kv block), for backward passes."""
@@ -162,9 +177,17 @@ def _pack(per_mask: list[tuple[torch.Tensor, torch.Tensor]], nrows: int) -> tupl
     return counts, idx
 
 
-def build_block_table(masks: list[Mask], heads: list[int], q_len: int, kv_len: int, block_q: int,
-                      block_kv: int, q_order: torch.Tensor | None = None,
-                      kv_order: torch.Tensor | None = None, q_offset: int = 0) -> BlockTable:
+def build_block_table(
+    masks: list[Mask],
+    heads: list[int],
+    q_len: int,
+    kv_len: int,
+    block_q: int,
+    block_kv: int,
+    q_order: torch.Tensor | None = None,
+    kv_order: torch.Tensor | None = None,
+    q_offset: int = 0,
+) -> BlockTable:
     """Block table for mask programs ``masks`` (``heads[i]`` is the head index used for
     head-dependent masks of program ``i``)."""
     qb = token_blocks(q_len, block_q, q_order, q_offset)
@@ -185,3 +208,36 @@ def build_block_table(masks: list[Mask], heads: list[int], q_len: int, kv_len: i
     pn, pi = _pack(partial, nq)
     fn, fi = _pack(full, nq)
     return BlockTable(pn, pi, fn, fi, block_q, block_kv, kb.lo.shape[0])
+
+
+def count_allowed(
+    mask: Mask,
+    q_len: int,
+    kv_len: int,
+    block_q: int,
+    block_kv: int,
+    head: int = 0,
+    q_order: torch.Tensor | None = None,
+    kv_order: torch.Tensor | None = None,
+    q_offset: int = 0,
+) -> tuple[int, torch.Tensor]:
+    """``(allowed (q, kv) pairs, counts[3] of EMPTY/PARTIAL/FULL blocks)``, exactly, without S x S:
+    full blocks count their valid pairs, partial blocks are evaluated on their own tokens."""
+    qb = token_blocks(q_len, block_q, q_order, q_offset)
+    kb = token_blocks(kv_len, block_kv, kv_order)
+    q_valid = (qb.pos >= 0).sum(1)
+    kv_valid = (kb.pos >= 0).sum(1)
+    h = torch.tensor(head).view(1, 1, 1)
+    allowed = 0
+    counts = torch.zeros(3, dtype=torch.int64)
+    for r0, lab in classify_rows(mask, qb, kb, head, q_len, kv_len):
+        counts += torch.bincount(lab.flatten().long(), minlength=3)
+        fr, fc = (lab == FULL).nonzero(as_tuple=True)
+        allowed += int((q_valid[fr + r0] * kv_valid[fc]).sum())
+        pr, pc = (lab == PARTIAL).nonzero(as_tuple=True)
+        step = max(1, _REFINE_ELEMS // (block_q * block_kv))
+        for s in range(0, pr.numel(), step):
+            qpos, kpos = qb.pos[pr[s : s + step] + r0], kb.pos[pc[s : s + step]]
+            valid = (qpos >= 0)[:, :, None] & (kpos >= 0)[:, None, :]
+            allowed += int((mask.dense(h, qpos[:, :, None], kpos[:, None, :], q_len, kv_len) & valid).sum())
+    return allowed, counts

@@ -7,8 +7,11 @@ Every mask node has three faces that must agree exactly:
 * ``bounds(qb, kb)``: conservative block bounds, ``(may, must)`` bool tensors
   over block pairs: ``may`` False proves no pair in the block is allowed,
   ``must`` True proves every pair is allowed (closed form, no S x S);
-* ``triton(ctx)``: a Triton expression over ``q_pos`` ``[BM, 1]``, ``kv_pos``
-  ``[1, BN]`` (int64 token positions in model order), ``off_h`` and ``KV_LEN``.
+* ``triton()``: a Triton expression over ``q_pos`` ``[BM, 1]``, ``kv_pos``
+  ``[1, BN]`` (int64 token positions in model order, never negative), ``off_h``
+  (the query head) and ``KV_LEN``; it broadcasts to ``[BM, BN]`` (it may be
+  narrower, e.g. ``[1, BN]`` for ``sink``). ``random_blocks`` also calls
+  ``_rb_hash``, defined by :data:`TRITON_HELPERS`.
 
 Positions are always the model's token order; permutations only change which
 tokens share a block (see :mod:`attncc.blocks`).
@@ -16,7 +19,6 @@ tokens share a block (see :mod:`attncc.blocks`).
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -63,10 +65,6 @@ class Blocks:
     def view(self, rows: bool) -> Blocks:
         shape = (-1, 1) if rows else (1, -1)
         return Blocks(self.lo.view(shape), self.hi.view(shape), self.pos, self.length)
-
-
-def _all_true(n: int) -> tuple[bool, bool]:
-    return True, True
 
 
 class Mask:
@@ -123,8 +121,30 @@ def format_spec(obj: Any) -> str:
     return str(obj)
 
 
-def _const(shape_like: Tensor, value: bool) -> Tensor:
-    return torch.full_like(shape_like, value, dtype=torch.bool)
+def _on_grid(h: Tensor, q: Tensor, kv: Tensor, value: Tensor | bool) -> Tensor:
+    """``value`` (a predicate of some of h, q, kv, or a constant) broadcast to the full
+    (h, q, kv) shape, so every ``dense`` returns the same shape whatever it reads."""
+    shape = torch.broadcast_shapes(h.shape, q.shape, kv.shape)
+    if isinstance(value, bool):
+        return torch.full(shape, value, dtype=torch.bool, device=q.device)
+    return value.expand(shape)
+
+
+def _on_pairs(qb: Blocks, kb: Blocks, value: Tensor | bool) -> Tensor:
+    """``value`` (a predicate of query blocks or kv blocks alone, or a constant) broadcast to
+    the (query block, kv block) pair shape that ``bounds`` returns."""
+    shape = torch.broadcast_shapes(qb.lo.shape, kb.lo.shape)
+    if isinstance(value, bool):
+        return torch.full(shape, value, dtype=torch.bool, device=qb.lo.device)
+    return value.expand(shape)
+
+
+def _largest_pow2_at_most(x: Tensor) -> Tensor:
+    """Largest power of two <= x for int64 x >= 1 (0 where x < 1), in exact integer arithmetic."""
+    y = x.clamp(min=0)
+    for shift in (1, 2, 4, 8, 16, 32):
+        y = y | (y >> shift)
+    return y - (y >> 1)
 
 
 def _dist_bounds(qb: Blocks, kb: Blocks) -> tuple[Tensor, Tensor]:
@@ -133,26 +153,31 @@ def _dist_bounds(qb: Blocks, kb: Blocks) -> tuple[Tensor, Tensor]:
     return qb.lo - kb.hi, qb.hi - kb.lo
 
 
-def _in_range(dmin: Tensor, dmax: Tensor, lo: int | float, hi: int | float) -> tuple[Tensor, Tensor]:
-    """(may, must) for the predicate lo <= d <= hi."""
-    may = (dmax >= lo) & (dmin <= hi)
-    must = (dmin >= lo) & (dmax <= hi)
+def _in_range(dmin: Tensor, dmax: Tensor, lo: int | None, hi: int | None) -> tuple[Tensor, Tensor]:
+    """(may, must) for the predicate lo <= d <= hi over d in [dmin, dmax] (None: unbounded)."""
+    may, must = dmin <= dmax, dmin <= dmax
+    if lo is not None:
+        may, must = may & (dmax >= lo), must & (dmin >= lo)
+    if hi is not None:
+        may, must = may & (dmin <= hi), must & (dmax <= hi)
     return may, must
 
 
 @dataclass(frozen=True)
 class Full(Mask):
+    """Every pair: true."""
+
     kind: ClassVar[str] = "full"
 
     def dense(self, h, q, kv, q_len, kv_len):
-        return torch.ones(torch.broadcast_shapes(h.shape, q.shape, kv.shape), dtype=torch.bool)
+        return _on_grid(h, q, kv, True)
 
     def bounds(self, qb, kb, h):
-        t = (qb.lo >= kb.lo) | True
+        t = _on_pairs(qb, kb, True)
         return t, t
 
     def triton(self):
-        return "(kv_pos >= 0)"
+        return "((q_pos >= 0) & (kv_pos >= 0))"
 
     def to_spec(self):
         return "full"
@@ -165,11 +190,11 @@ class Causal(Mask):
     kind: ClassVar[str] = "causal"
 
     def dense(self, h, q, kv, q_len, kv_len):
-        return (kv <= q) & (h >= 0)
+        return _on_grid(h, q, kv, kv <= q)
 
     def bounds(self, qb, kb, h):
         dmin, dmax = _dist_bounds(qb, kb)
-        return _in_range(dmin, dmax, 0, float("inf"))
+        return _in_range(dmin, dmax, 0, None)
 
     def triton(self):
         return "(kv_pos <= q_pos)"
@@ -188,7 +213,7 @@ class Window(Mask):
 
     def dense(self, h, q, kv, q_len, kv_len):
         d = q - kv
-        return (d <= self.before) & (d >= -self.after) & (h >= 0)
+        return _on_grid(h, q, kv, (d <= self.before) & (d >= -self.after))
 
     def bounds(self, qb, kb, h):
         dmin, dmax = _dist_bounds(qb, kb)
@@ -215,10 +240,10 @@ class Sink(Mask):
     kind: ClassVar[str] = "sink"
 
     def dense(self, h, q, kv, q_len, kv_len):
-        return (kv < self.n) & (q >= 0) & (h >= 0)
+        return _on_grid(h, q, kv, kv < self.n)
 
     def bounds(self, qb, kb, h):
-        return (kb.lo < self.n) | (qb.lo < -1), (kb.hi < self.n) | (qb.lo < -1)
+        return _on_pairs(qb, kb, kb.lo < self.n), _on_pairs(qb, kb, kb.hi < self.n)
 
     def triton(self):
         return f"(kv_pos < {self.n})"
@@ -253,7 +278,7 @@ class Global(Mask):
     kind: ClassVar[str] = "global"
 
     def dense(self, h, q, kv, q_len, kv_len):
-        return ((q < self.n) | (kv < self.n)) & (h >= 0)
+        return _on_grid(h, q, kv, (q < self.n) | (kv < self.n))
 
     def bounds(self, qb, kb, h):
         return (qb.lo < self.n) | (kb.lo < self.n), (qb.hi < self.n) | (kb.hi < self.n)
@@ -277,7 +302,7 @@ class Chunk(Mask):
     kind: ClassVar[str] = "chunk"
 
     def dense(self, h, q, kv, q_len, kv_len):
-        return (q // self.size == kv // self.size) & (h >= 0)
+        return _on_grid(h, q, kv, q // self.size == kv // self.size)
 
     def bounds(self, qb, kb, h):
         s = self.size
@@ -305,7 +330,7 @@ class BlockCausal(Mask):
     kind: ClassVar[str] = "block_causal"
 
     def dense(self, h, q, kv, q_len, kv_len):
-        return (kv // self.size <= q // self.size) & (h >= 0)
+        return _on_grid(h, q, kv, kv // self.size <= q // self.size)
 
     def bounds(self, qb, kb, h):
         s = self.size
@@ -330,7 +355,7 @@ class Strided(Mask):
     kind: ClassVar[str] = "strided"
 
     def dense(self, h, q, kv, q_len, kv_len):
-        return ((q - kv) % self.stride == 0) & (h >= 0)
+        return _on_grid(h, q, kv, (q - kv) % self.stride == 0)
 
     def bounds(self, qb, kb, h):
         s = self.stride
@@ -354,7 +379,11 @@ class Strided(Mask):
 
 @dataclass(frozen=True)
 class Power(Mask):
-    """PowerAttention-style: d = q - kv >= 0 and (d < local or d is a power of two)."""
+    """PowerAttention-style causal power-of-two distances: with d = q - kv,
+    ``0 <= d < local`` or ``d`` is a power of two (1, 2, 4, 8, ...).
+
+    ``{power: 1}`` is the pure pattern (the query itself plus keys 1, 2, 4, ... back);
+    a larger ``local`` adds a dense causal window of ``local`` tokens."""
 
     local: int
     kind: ClassVar[str] = "power"
@@ -362,17 +391,13 @@ class Power(Mask):
     def dense(self, h, q, kv, q_len, kv_len):
         d = q - kv
         pow2 = (d > 0) & ((d & (d - 1)) == 0)
-        return (d >= 0) & ((d < self.local) | pow2) & (h >= 0)
+        return _on_grid(h, q, kv, (d >= 0) & ((d < self.local) | pow2))
 
     def bounds(self, qb, kb, h):
         dmin, dmax = _dist_bounds(qb, kb)
-        # may: some d in [max(dmin,0), dmax] is < local or a power of two; the largest power of
-        # two <= dmax is >= lo iff the interval holds one.
+        # some d in [max(dmin, 0), dmax] is < local, or the largest power of two <= dmax is in range
         lo = dmin.clamp(min=0)
-        top = torch.where(dmax >= 1, torch.pow(2, torch.floor(torch.log2(dmax.clamp(min=1).double()))).long(), 0)
-        # guard float rounding of log2 near powers of two
-        top = torch.where(top * 2 <= dmax, top * 2, top)
-        top = torch.where(top > dmax, top // 2, top)
+        top = _largest_pow2_at_most(dmax)
         may = (dmax >= 0) & ((lo < self.local) | ((top >= lo) & (top >= 1)))
         must = (dmin >= 0) & (dmax < self.local)
         return may, must
@@ -415,7 +440,7 @@ class RandomBlocks(Mask):
     def dense(self, h, q, kv, q_len, kv_len):
         nkb = -(-kv_len // self.block)
         qblk, kblk = q // self.block, kv // self.block
-        out = torch.zeros(torch.broadcast_shapes(h.shape, q.shape, kv.shape), dtype=torch.bool)
+        out = _on_grid(h, q, kv, False).clone()
         for j in range(self.n):
             out |= kblk == random_block_hash(self.seed, h, qblk, j) % nkb
         return out
@@ -466,14 +491,12 @@ class Tile3D(Mask):
     def check_len(self, n: int, what: str) -> None:
         total = self.grid[0] * self.grid[1] * self.grid[2]
         if n != total:
-            raise MaskError(
-                f"tile3d grid {list(self.grid)} holds {total} tokens but the {what} length is {n}"
-            )
+            raise MaskError(f"tile3d grid {list(self.grid)} holds {total} tokens but the {what} length is {n}")
 
     def dense(self, h, q, kv, q_len, kv_len):
         self.check_len(q_len, "query")
         self.check_len(kv_len, "key")
-        ok = h >= 0
+        ok = _on_grid(h, q, kv, True)
         for a, b, w in zip(self._coords(q), self._coords(kv), self.window):
             ok = ok & ((a - b).abs() <= w)
         return ok
@@ -644,8 +667,15 @@ def conj(*masks: Mask | None) -> Mask:
     return items[0] if len(items) == 1 else All(tuple(items))
 
 
-def dense(mask: Mask, q_len: int, kv_len: int, num_heads: int = 1, heads: list[int] | None = None,
-          q_offset: int = 0, device=None) -> Tensor:
+def dense(
+    mask: Mask,
+    q_len: int,
+    kv_len: int,
+    num_heads: int = 1,
+    heads: list[int] | None = None,
+    q_offset: int = 0,
+    device=None,
+) -> Tensor:
     """Dense bool mask ``[H, q_len, kv_len]`` (model token order)."""
     hs = torch.tensor(heads if heads is not None else list(range(num_heads)), device=device).view(-1, 1, 1)
     q = torch.arange(q_len, device=device).view(1, -1, 1) + q_offset
@@ -654,7 +684,32 @@ def dense(mask: Mask, q_len: int, kv_len: int, num_heads: int = 1, heads: list[i
     return out.expand(hs.shape[0], q_len, kv_len).clone()
 
 
-PRIMITIVES = ("full", "causal", "window", "sink", "prefix", "global", "chunk", "block_causal",
-              "strided", "power", "random_blocks", "tile3d", "all", "any", "not", "topk", "threshold")
+PRIMITIVES = (
+    "full",
+    "causal",
+    "window",
+    "sink",
+    "prefix",
+    "global",
+    "chunk",
+    "block_causal",
+    "strided",
+    "power",
+    "random_blocks",
+    "tile3d",
+    "all",
+    "any",
+    "not",
+    "topk",
+    "threshold",
+)
 SELECTOR_SCORES = ("mean_pool", "antidiagonal", "draft")
-_ = dataclasses  # re-exported for subclasses elsewhere
+#: Triton helpers the predicates call (``random_blocks``); a kernel module that uses a
+#: predicate containing ``_rb_hash`` includes this source once (it mirrors random_block_hash).
+TRITON_HELPERS = f"""
+@triton.jit
+def _rb_hash(x):
+    x = x ^ (x >> 13)
+    x = (x * {_HASH_MUL}) & 0x7FFFFFFF
+    return x ^ (x >> 16)
+"""
