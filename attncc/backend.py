@@ -1,0 +1,187 @@
+"""The ``attncc`` torch.compile backend: run the pass pipeline on Dynamo's graph, then hand the
+rewritten graph to inductor (default) or run it eagerly."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import pathlib
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+
+import attncc.op  # noqa: F401  (registers attncc::attention)
+from attncc.config import config
+from attncc.counters import counters
+from attncc.passes import pipeline
+from attncc.spec import Spec, load_spec
+
+log = logging.getLogger("attncc")
+
+_OPTIONS = ("spec", "dump_dir", "executor", "inner", "strict")
+_INNERS = ("inductor", "eager")
+_graph_counter = 0
+
+
+@dataclass(frozen=True)
+class Options:
+    """Validated backend options (unset ones come from :mod:`attncc.config`)."""
+
+    spec: Spec
+    dump_dir: str | None
+    executor: str
+    inner: str
+    strict: bool
+
+    @classmethod
+    def parse(cls, options: dict[str, Any] | None) -> Options:
+        from attncc.codegen.executors import EXECUTORS
+
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown attncc option(s) {unknown}; expected: {', '.join(_OPTIONS)}")
+        spec_src = options.get("spec", {"attncc": 1, "rules": [{"mask": "full"}]})
+        executor = options.get("executor", config.executor)
+        inner = options.get("inner", config.inner)
+        if executor not in EXECUTORS:
+            raise ValueError(f"attncc option executor={executor!r}: expected one of {', '.join(EXECUTORS)}")
+        if inner not in _INNERS:
+            raise ValueError(f"attncc option inner={inner!r}: expected one of {', '.join(_INNERS)}")
+        dump = options.get("dump_dir", config.dump_dir)
+        return cls(
+            load_spec(spec_src),
+            str(dump) if dump else None,
+            executor,
+            inner,
+            bool(options.get("strict", config.strict)),
+        )
+
+
+def setup_logging() -> None:
+    """``ATTNCC_LOG=1|info|debug`` logs sites and bindings to stderr as ``[attncc] ...``."""
+    level = config.log
+    if not level or str(level).lower() in ("0", "false", "off"):
+        return
+    lvl = logging.DEBUG if str(level).lower() == "debug" else logging.INFO
+    log.setLevel(lvl)
+    if not any(getattr(h, "_attncc", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[attncc] %(levelname)s %(message)s"))
+        h._attncc = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+
+
+class Dumper:
+    """Writes one folder per compiled graph: the graph after every pass and manifest.json."""
+
+    def __init__(self, root: str, gm: fx.GraphModule):
+        global _graph_counter
+        _graph_counter += 1
+        digest = hashlib.sha256(gm.code.encode()).hexdigest()[:8]
+        self.folder = pathlib.Path(root) / f"graph_{_graph_counter:03d}_{digest}"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.step = 0
+
+    def stage(self, name: str, gm: fx.GraphModule, summary: str) -> None:
+        text = f"# after {name}\n" + (f"# {summary.replace(chr(10), chr(10) + '# ')}\n" if summary else "")
+        text += gm.print_readable(print_output=False, include_stride=False, include_device=False)
+        (self.folder / f"{self.step:02d}_{name}.txt").write_text(text)
+        self.step += 1
+
+    def manifest(self, st: pipeline.PipelineState) -> None:
+        (self.folder / "manifest.json").write_text(json.dumps(manifest(st), indent=2, default=str))
+        try:
+            dump_mod = importlib.import_module("attncc.codegen.dump")
+        except ImportError:
+            return
+        plans = [s.plan for s in st.rewritten]
+        if plans and hasattr(dump_mod, "write_kernels"):
+            dump_mod.write_kernels(self.folder, plans)
+
+
+def site_record(s) -> dict:
+    rec = {
+        "site": s.index,
+        "module": s.module,
+        "layer": s.layer,
+        "source": s.source,
+        "layout": s.layout,
+        "num_heads": s.num_heads,
+        "num_kv_heads": s.num_kv_heads,
+        "q_len": s.q_len,
+        "kv_len": s.kv_len,
+        "head_dim": s.head_dim,
+        "dtype": str(s.dtype).replace("torch.", ""),
+        "scale": s.scale,
+        "gqa": s.gqa,
+        "model_mask": str(s.model_mask),
+        "runtime_mask": s.mask_kind,
+        "fx_nodes": s.node_names,
+        "rule": s.rule,
+        "notes": s.notes,
+    }
+    if s.plan is not None:
+        from attncc.explain import head_density, kernel_name
+
+        rec.update(
+            {
+                "plan_key": s.plan.key(),
+                "plan": s.plan.to_dict(),
+                "kernel": kernel_name(s.plan),
+                "density": head_density(s.plan),
+            }
+        )
+    return rec
+
+
+def manifest(st: pipeline.PipelineState) -> dict:
+    det = st.detected
+    return {
+        "spec": st.spec.name,
+        "executor": st.executor,
+        "sites": [site_record(s) for s in (det.sites if det else [])],
+        "rewritten": [s.index for s in st.rewritten],
+        "unbound": [s.index for s in (st.bound.unbound if st.bound else [])],
+        "skipped": [{"module": k.module, "nodes": k.nodes, "reason": k.reason} for k in (det.skipped if det else [])],
+    }
+
+
+def run_pipeline(gm: fx.GraphModule, opts: Options, stop_after: str | None = None) -> pipeline.PipelineState:
+    setup_logging()
+    st = pipeline.PipelineState(opts.spec, opts.executor, opts.strict)
+    dumper = Dumper(opts.dump_dir, gm) if opts.dump_dir else None
+    pipeline.run(gm, st, stop_after, dumper.stage if dumper else None)
+    counters["graphs"] += 1
+    if st.detected is not None:
+        counters["detected"] += len(st.detected.sites)
+        counters["skipped"] += len(st.detected.skipped)
+    if st.bound is not None:
+        counters["unbound"] += len(st.bound.unbound)
+        counters["unsupported"] += len(st.bound.unsupported)
+    counters["rewritten"] += len(st.rewritten)
+    if dumper is not None:
+        dumper.manifest(st)
+        log.info("dumped graph to %s", dumper.folder)
+    return st
+
+
+def attncc_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs):
+    """torch.compile backend: ``torch.compile(m, backend="attncc", options={...})``."""
+    if kwargs:
+        raise TypeError(f"attncc backend got unexpected arguments {sorted(kwargs)}; pass settings in options={{...}}")
+    opts = Options.parse(options)
+    run_pipeline(gm, opts)
+    if opts.inner == "eager":
+        return gm.forward
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+_ = torch

@@ -1,0 +1,194 @@
+"""``attncc.explain(model, *args, spec=...)``: what the compiler would do to each attention, without
+running any attention kernel (the model is traced by Dynamo; its outputs are never computed)."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attncc.plan import AttentionPlan
+
+
+def kernel_name(plan: AttentionPlan) -> str:
+    """The generated kernel's name (codegen's naming when available)."""
+    try:
+        codegen = importlib.import_module("attncc.codegen")
+        fn = getattr(codegen, "kernel_name", None)
+        if fn is not None:
+            return str(fn(plan))
+    except ImportError:
+        pass
+    return f"{plan.pattern}_fwd_kernel"
+
+
+def head_density(plan: AttentionPlan) -> list[float]:
+    """Fraction of (query, key) pairs each head may attend (structural mask only)."""
+    mask = plan.dense_mask()
+    return [round(float(x), 4) for x in mask.flatten(1).float().mean(1)]
+
+
+@dataclass
+class SiteInfo:
+    """One attention as attncc sees it."""
+
+    module: str
+    layer: int
+    num_heads: int
+    num_kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    dtype: str
+    scale: float
+    source: str
+    layout: str
+    model_mask: str
+    runtime_mask: str | None
+    rule: str | None
+    density: list[float] | None
+    kernel: str | None
+    fx_nodes: list[str] = field(default_factory=list)
+    plan: AttentionPlan | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """``.sites`` (one SiteInfo per detected attention, in graph order), ``.skipped`` (attention-like
+    subgraphs left untouched, with reasons) and ``.graphs`` (number of Dynamo graphs)."""
+
+    sites: list[SiteInfo]
+    skipped: list[str]
+    graphs: int
+
+    def __str__(self) -> str:
+        cols = [
+            "#",
+            "module",
+            "layer",
+            "heads",
+            "kv",
+            "q_len",
+            "kv_len",
+            "dim",
+            "dtype",
+            "mask",
+            "rule",
+            "density",
+            "kernel",
+        ]
+        rows = []
+        for i, s in enumerate(self.sites):
+            dens = "-" if s.density is None else _density_text(s.density)
+            mask = s.model_mask + (f"+{s.runtime_mask}" if s.runtime_mask else "")
+            rows.append(
+                [
+                    str(i),
+                    s.module or "<top>",
+                    str(s.layer),
+                    str(s.num_heads),
+                    str(s.num_kv_heads),
+                    str(s.q_len),
+                    str(s.kv_len),
+                    str(s.head_dim),
+                    s.dtype,
+                    mask,
+                    s.rule or "(unbound)",
+                    dens,
+                    s.kernel or "-",
+                ]
+            )
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+        lines.append(f"{len(self.sites)} attention sites in {self.graphs} graph(s)")
+        lines += [f"not rewritten: {s}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _density_text(d: list[float]) -> str:
+    if len(set(d)) == 1:
+        return f"{d[0]:.3f}"
+    return "/".join(f"{x:.2f}" for x in d)
+
+
+def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
+    """Trace ``model(*args, **kwargs)`` with Dynamo, detect and bind every attention (no rewrite,
+    no attention computed) and report it."""
+    from attncc.backend import Options, run_pipeline
+
+    opts = Options.parse({"spec": spec} if spec is not None else {})
+    sites: list[SiteInfo] = []
+    skipped: list[str] = []
+    graphs = 0
+
+    def capture(gm, example_inputs, **_):
+        nonlocal graphs
+        graphs += 1
+        st = run_pipeline(gm, opts, stop_after="bind-spec")
+        assert st.detected is not None
+        for s in st.detected.sites:
+            plan = s.plan
+            sites.append(
+                SiteInfo(
+                    module=s.module,
+                    layer=s.layer,
+                    num_heads=s.num_heads,
+                    num_kv_heads=s.num_kv_heads,
+                    q_len=s.q_len,
+                    kv_len=s.kv_len,
+                    head_dim=s.head_dim,
+                    dtype=str(s.dtype).replace("torch.", ""),
+                    scale=s.scale,
+                    source=s.source,
+                    layout=s.layout,
+                    model_mask=str(s.model_mask),
+                    runtime_mask=s.mask_kind,
+                    rule=s.rule,
+                    density=head_density(plan) if plan is not None else None,
+                    kernel=kernel_name(plan) if plan is not None else None,
+                    fx_nodes=s.node_names,
+                    plan=plan,
+                    notes=list(s.notes),
+                )
+            )
+        skipped.extend(k.describe() for k in st.detected.skipped)
+        return _placeholder_outputs(gm)
+
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            torch.compile(model, backend=capture, dynamic=False)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return Report(sites, skipped, graphs)
+
+
+def _placeholder_outputs(gm: torch.fx.GraphModule):
+    """A stand-in for the graph that returns zeros of the output shapes (nothing is computed)."""
+    from attncc.passes.normalize import val
+
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    specs = []
+    for a in (
+        torch.fx.node.map_arg(out_node.args[0], lambda n: n)
+        if isinstance(out_node.args[0], (list, tuple))
+        else [out_node.args[0]]
+    ):
+        v = val(a) if isinstance(a, torch.fx.Node) else a
+        specs.append(v)
+
+    def run(*_args):
+        outs = []
+        for v in specs:
+            if isinstance(v, torch.Tensor):
+                outs.append(torch.zeros(tuple(int(s) for s in v.shape), dtype=v.dtype, device=v.device))
+            else:
+                outs.append(v)
+        return tuple(outs) if isinstance(out_node.args[0], (list, tuple)) else outs[0]
+
+    return run

@@ -1,0 +1,796 @@
+"""detect: find attention sites (SDPA calls and hand-written softmax(QK^T)V) in a Dynamo FX graph.
+
+A site is described in roles, not spellings: every operand is a node plus the permutation that
+brings it to the canonical layout (batch..., seq, dim), so ``matmul``/``bmm``/``einsum``,
+transposes, permutes and ``[B, S, H, D]`` layouts all reduce to the same record. The model's own
+mask is recovered into the site: ``is_causal``, or a mask subgraph computed from positions only
+(evaluated and proven equal to causal / a sliding window / full), or else kept as a tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import networkx as nx
+import torch
+from attncc.passes.graph import constant_subgraph, depends_on, escaping_nodes, evaluate, to_networkx
+from attncc.passes.normalize import arg, dropout_is_identity, kind, val
+from torch import fx
+
+from attncc import masks as M
+
+Role = str  # "b0", "b1", ... batch; "q", "k" sequence; "d" qk dim; "e" value dim
+TermKind = Literal["additive", "allow", "disallow"]
+# masked_fill / where with a value at or below this is treated as excluding the key
+_EXCLUDE_BELOW = -1e4
+
+
+class NotASite(Exception):
+    """Raised inside detection: ``reason`` says why this candidate is not rewritten."""
+
+    def __init__(self, reason: str, attention_like: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.attention_like = attention_like
+
+
+@dataclass
+class Operand:
+    """``node.permute(perm)`` has the canonical role order; ``roles`` are node's own dims."""
+
+    node: fx.Node
+    roles: list[Role]
+
+    def perm(self, order: list[Role]) -> list[int]:
+        return [self.roles.index(r) for r in order]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(val(self.node).shape)  # type: ignore[union-attr]
+
+    def size(self, role: Role) -> object:
+        return val(self.node).shape[self.roles.index(role)]  # type: ignore[union-attr]
+
+
+@dataclass
+class MaskTerm:
+    """One mask applied to the scores: ``node`` broadcasts to the scores in their layout ``roles``."""
+
+    node: fx.Node
+    kind: TermKind
+    factor: float = 1.0
+    structural: M.Mask | None = None
+
+
+@dataclass
+class AttentionSite:
+    """One attention in the graph, in canonical roles. ``out`` is the node whose value the
+    rewritten call replaces; ``nodes`` is the site's subgraph (replaced as a unit)."""
+
+    index: int
+    source: Literal["sdpa", "explicit"]
+    q: Operand
+    k: Operand
+    v: Operand
+    out: fx.Node
+    out_roles: list[Role]
+    score_roles: list[Role]
+    batch: list[Role]
+    scale: float
+    terms: list[MaskTerm]
+    nodes: list[fx.Node]
+    module: str
+    layer: int
+    layer_from_path: bool
+    heads_known: bool = True
+    gqa: str = "none"
+    is_causal: bool = False
+    plan: object = None
+    rule: str | None = None
+    plan_key: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    # -- shapes ----------------------------------------------------------------------------------
+    def _batch_sizes(self) -> tuple[int, int]:
+        sizes = [int(self.q.size(r)) for r in self.batch]  # type: ignore[call-overload]
+        if len(sizes) == 2:
+            return sizes[0], sizes[1]
+        if len(sizes) == 1:
+            return (1, sizes[0]) if not self.heads_known else (sizes[0] // self.split_heads, self.split_heads)
+        return 1, 1
+
+    split_heads: int = 1
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_sizes()[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self._batch_sizes()[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        if len(self.batch) == 2:
+            return int(self.k.size(self.batch[1]))  # type: ignore[call-overload]
+        if len(self.batch) == 1:
+            bh = int(self.k.size(self.batch[0]))  # type: ignore[call-overload]
+            return bh // self.batch_size if self.batch_size and bh % self.batch_size == 0 else bh
+        return 1
+
+    @property
+    def q_len(self) -> int:
+        return _hint(self.q.size("q"))
+
+    @property
+    def kv_len(self) -> int:
+        return _hint(self.k.size("k"))
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.q.size("d"))  # type: ignore[call-overload]
+
+    @property
+    def head_dim_v(self) -> int:
+        return int(self.v.size("e"))  # type: ignore[call-overload]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return val(self.q.node).dtype  # type: ignore[union-attr]
+
+    @property
+    def model_mask(self) -> M.Mask:
+        """The structural part of the model's own mask (``full`` when there is none)."""
+        return M.conj(M.Causal() if self.is_causal else None, *(t.structural for t in self.terms))
+
+    @property
+    def runtime_terms(self) -> list[MaskTerm]:
+        return [t for t in self.terms if t.structural is None]
+
+    @property
+    def mask_kind(self) -> str | None:
+        terms = self.runtime_terms
+        if not terms:
+            return None
+        return "bool" if all(t.kind != "additive" for t in terms) else "additive"
+
+    @property
+    def layout(self) -> str:
+        names = {"q": "S", "d": "D"}
+        if len(self.batch) == 2:
+            names.update({self.batch[0]: "B", self.batch[1]: "H"})
+        elif len(self.batch) == 1:
+            names[self.batch[0]] = "BH"
+        return "[" + ",".join(names.get(r, r) for r in self.q.roles) + "]"
+
+    @property
+    def node_names(self) -> list[str]:
+        return [n.name for n in self.nodes]
+
+    def describe(self) -> str:
+        mask = str(self.model_mask) + (f" + runtime {self.mask_kind} mask" if self.mask_kind else "")
+        return (
+            f"{self.module or '<top>'} (layer {self.layer}): {self.source} q {self.layout} heads {self.num_heads} "
+            f"kv {self.num_kv_heads} q_len {self.q_len} kv_len {self.kv_len} head_dim {self.head_dim} "
+            f"{str(self.dtype).replace('torch.', '')} scale {self.scale:.6g} gqa {self.gqa} model mask {mask} "
+            f"nodes {','.join(self.node_names)}"
+        )
+
+
+@dataclass
+class Skipped:
+    """An attention-like subgraph left untouched, with the reason."""
+
+    nodes: list[str]
+    module: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.module or '<top>'}: {self.reason} (nodes {', '.join(self.nodes)})"
+
+
+@dataclass
+class DetectResult:
+    sites: list[AttentionSite]
+    skipped: list[Skipped]
+
+
+def _hint(x: object) -> int:
+    if isinstance(x, torch.SymInt):
+        return int(x.node.hint)
+    return int(x)  # type: ignore[call-overload]
+
+
+# -- module paths -------------------------------------------------------------------------------
+_PREFIX = re.compile(r"^L\[['\"](?:self|args|kwargs|fn|mod|model|m)['\"]\](?:\[\d+\])?\.?")
+
+
+def clean_module_path(path: str) -> str:
+    """``L['args'][0].model.layers.0.self_attn`` / ``L['self']._modules['x']`` -> ``model.layers.0.self_attn``."""
+    path = _PREFIX.sub("", path)
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", "." + path).lstrip(".")
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    return path.strip(".")
+
+
+def module_of(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return clean_module_path(str(path))
+
+
+def layer_of(path: str) -> int | None:
+    m = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    return int(m.group(1)) if m else None
+
+
+# -- operand look-through -----------------------------------------------------------------------
+def _norm_dim(d: int, n: int) -> int:
+    return d + n if d < 0 else d
+
+
+def look_through(node: fx.Node, roles: list[Role]) -> Operand:
+    """Follow transposes/permutes/contiguous up to the tensor they reorder."""
+    while isinstance(node, fx.Node):
+        k = kind(node)
+        src = node.args[0] if node.args else None
+        if not isinstance(src, fx.Node):
+            break
+        n = len(roles)
+        if k == "contiguous":
+            node = src
+        elif k == "mT":
+            roles = roles[:-2] + [roles[-1], roles[-2]]
+            node = src
+        elif k == "transpose":
+            a, b = _norm_dim(arg(node, 1, "dim0"), n), _norm_dim(arg(node, 2, "dim1"), n)  # type: ignore[arg-type]
+            roles = list(roles)
+            roles[a], roles[b] = roles[b], roles[a]
+            node = src
+        elif k == "permute":
+            dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+            if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+                dims = tuple(dims[0])
+            if not all(isinstance(d, int) for d in dims) or len(dims) != n:
+                break
+            src_roles: list[Role] = [""] * n
+            for i, d in enumerate(dims):
+                src_roles[_norm_dim(d, n)] = roles[i]
+            roles = src_roles
+            node = src
+        else:
+            break
+    return Operand(node, roles)
+
+
+def strip_kv_repeat(op: Operand, head_role: Role) -> tuple[Operand, int]:
+    """``(kv source, repeats)`` when ``op`` repeats kv heads along the head axis (GQA spelled as
+    ``x[:, :, None].expand(...).reshape(...)``, ``unsqueeze``+``expand``+``reshape``/``flatten``,
+    or ``repeat_interleave``); ``(op, 1)`` otherwise."""
+    node = op.node
+    ax = op.roles.index(head_role)
+    k = kind(node)
+    if k == "repeat_interleave":
+        reps = arg(node, 1, "repeats")
+        dim = arg(node, 2, "dim")
+        src = node.args[0]
+        if (
+            isinstance(reps, int)
+            and isinstance(dim, int)
+            and isinstance(src, fx.Node)
+            and _norm_dim(dim, len(op.roles)) == ax
+        ):
+            return Operand(src, op.roles), reps
+        return op, 1
+    if k not in ("reshape", "flatten"):
+        return op, 1
+    exp = node.args[0]
+    if not (isinstance(exp, fx.Node) and kind(exp) == "expand"):
+        return op, 1
+    ins = exp.args[0]
+    if not isinstance(ins, fx.Node):
+        return op, 1
+    five = val(exp)
+    if five is None or five.dim() != len(op.roles) + 1:  # type: ignore[union-attr]
+        return op, 1
+    src = None
+    if kind(ins) == "unsqueeze" and _norm_dim(arg(ins, 1, "dim"), five.dim()) == ax + 1:  # type: ignore[arg-type,union-attr]
+        src = ins.args[0]
+    elif kind(ins) == "getitem" and isinstance(ins.args[1], tuple):
+        idx = ins.args[1]
+        nones = [i for i, x in enumerate(idx) if x is None]
+        plain = all(x is None or x == slice(None) or x is Ellipsis for x in idx)
+        if plain and nones == [ax + 1] and Ellipsis not in idx[: ax + 1]:
+            src = ins.args[0]
+    if not isinstance(src, fx.Node):
+        return op, 1
+    s, out = val(src), val(node)
+    reps = five.shape[ax + 1]  # type: ignore[union-attr]
+    if s is None or out is None or s.dim() != len(op.roles) or s.shape[ax] * reps != out.shape[ax]:  # type: ignore[union-attr]
+        return op, 1
+    return Operand(src, op.roles), int(reps)
+
+
+# -- products -----------------------------------------------------------------------------------
+def _product(node: fx.Node) -> tuple[fx.Node, str, fx.Node, str, str] | None:
+    """(A, labels, B, labels, out labels) of a matmul/bmm/einsum node, or None."""
+    k = kind(node)
+    if k == "matmul":
+        a, b = node.args[0], node.args[1]
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            return None
+        va, vb = val(a), val(b)
+        if va is None or vb is None or va.dim() != vb.dim() or va.dim() < 2:  # type: ignore[union-attr]
+            return None
+        batch = "".join(chr(ord("A") + i) for i in range(va.dim() - 2))  # type: ignore[union-attr]
+        return a, batch + "mn", b, batch + "nr", batch + "mr"
+    if k == "einsum":
+        eq = node.args[0]
+        ops = node.args[1:]
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = tuple(ops[0])
+        if not isinstance(eq, str) or len(ops) != 2 or "..." in eq or "->" not in eq:
+            return None
+        lhs, out = eq.replace(" ", "").split("->")
+        parts = lhs.split(",")
+        if len(parts) != 2 or not all(isinstance(o, fx.Node) for o in ops):
+            return None
+        return ops[0], parts[0], ops[1], parts[1], out  # type: ignore[return-value]
+    return None
+
+
+def _roles_qk(la: str, lb: str, lo: str) -> tuple[dict[str, Role], list[Role]] | None:
+    contracted = [c for c in la if c in lb and c not in lo]
+    qs = [c for c in la if c in lo and c not in lb]
+    ks = [c for c in lb if c in lo and c not in la]
+    batch = [c for c in lo if c in la and c in lb]
+    if len(contracted) != 1 or len(qs) != 1 or len(ks) != 1 or len(batch) + 2 != len(lo):
+        return None
+    if set(la) != set(batch) | {qs[0], contracted[0]} or set(lb) != set(batch) | {ks[0], contracted[0]}:
+        return None
+    if len(set(la)) != len(la) or len(set(lb)) != len(lb):
+        return None
+    names = {c: f"b{i}" for i, c in enumerate(batch)}
+    names.update({qs[0]: "q", ks[0]: "k", contracted[0]: "d"})
+    return names, [f"b{i}" for i in range(len(batch))]
+
+
+def _scalar(x: object, g: nx.DiGraph) -> float | None:
+    """A Python number, or a 0-d tensor computed from constants only."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, float)):
+        return float(x)
+    if isinstance(x, fx.Node):
+        v = val(x)
+        if isinstance(v, torch.Tensor) and v.dim() == 0:
+            nodes = constant_subgraph(g, x)
+            if nodes is not None:
+                return float(evaluate(nodes))  # type: ignore[arg-type]
+    return None
+
+
+# -- structural mask recovery -------------------------------------------------------------------
+def recover_structure(g: nx.DiGraph, term: MaskTerm, score_shape: tuple[int, ...]) -> tuple[M.Mask | None, str]:
+    """Prove a mask term equal to full / causal / a sliding window when it is a function of
+    positions only. Returns (mask or None, explanation)."""
+    nodes = constant_subgraph(g, term.node)
+    if nodes is None:
+        return None, "depends on input data: kept as a runtime tensor"
+    value = evaluate(nodes)
+    if not isinstance(value, torch.Tensor):
+        return None, "not a tensor"
+    shape = tuple(_hint(s) for s in score_shape)
+    try:
+        t = value.expand(shape) if value.dim() <= len(shape) else None
+    except RuntimeError:
+        t = None
+    if t is None:
+        return None, f"mask of shape {tuple(value.shape)} does not broadcast to the scores {shape}"
+    if term.kind == "allow":
+        allowed = t.bool()
+    elif term.kind == "disallow":
+        allowed = ~t.bool()
+    else:
+        tf = t.float()
+        excluded = tf <= _EXCLUDE_BELOW
+        if not bool(((tf == 0) | excluded).all()):
+            return None, "additive mask with values other than 0 / -inf: kept as a runtime tensor"
+        allowed = ~excluded
+    sq, skv = shape[-2], shape[-1]
+    flat = allowed.reshape(-1, sq, skv)
+    pattern = flat[0]
+    if not bool((flat == pattern).all()):
+        return None, "differs across batch or heads: kept as a runtime tensor"
+    if not bool(pattern.any(-1).all()):
+        return None, "has query rows with no allowed key: kept as a runtime tensor"
+    for cand in _candidates(pattern):
+        if torch.equal(M.dense(cand, sq, skv)[0], pattern):
+            return cand, f"proven {cand}"
+    return None, "positions-only mask that is not full / causal / a window: kept as a runtime tensor"
+
+
+def _candidates(pattern: torch.Tensor) -> list[M.Mask]:
+    sq, skv = pattern.shape
+    q = torch.arange(sq).view(-1, 1)
+    kv = torch.arange(skv).view(1, -1)
+    d = (q - kv).expand(sq, skv)
+    before = int(d[pattern].max())
+    after = int((-d)[pattern].max())
+    out: list[M.Mask] = [M.Full(), M.Causal()]
+    if after <= 0 and before >= 0:
+        out.append(M.Window(before, 0))
+    if before >= 0 and after >= 0:
+        out.append(M.Window(before, after))
+    return out
+
+
+# -- detection ----------------------------------------------------------------------------------
+class _Detector:
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+        self.g = to_networkx(gm.graph)
+        self.sites: list[AttentionSite] = []
+        self.skipped: list[Skipped] = []
+
+    def run(self) -> DetectResult:
+        for node in list(self.gm.graph.nodes):
+            k = kind(node)
+            if k not in ("sdpa", "softmax"):
+                continue
+            try:
+                site = self._sdpa(node) if k == "sdpa" else self._explicit(node)
+            except NotASite as e:
+                if e.attention_like:
+                    self.skipped.append(Skipped([node.name], module_of(node), e.reason))
+                continue
+            self.sites.append(site)
+        self._number_layers()
+        return DetectResult(self.sites, self.skipped)
+
+    def _number_layers(self) -> None:
+        order = 0
+        for s in self.sites:
+            if not s.layer_from_path:
+                s.layer = order
+                order += 1
+
+    def _new_site(self, **kw) -> AttentionSite:
+        anchor = kw.pop("anchor")
+        module = module_of(anchor)
+        layer = layer_of(module)
+        site = AttentionSite(
+            index=len(self.sites),
+            module=module,
+            layer=layer if layer is not None else -1,
+            layer_from_path=layer is not None,
+            **kw,
+        )
+        self._split_batch(site)
+        self._recover_masks(site)
+        return site
+
+    def _split_batch(self, site: AttentionSite) -> None:
+        """For [B*H, S, D] operands, find H from the reshape that merged batch and heads."""
+        if len(site.batch) != 1:
+            return
+        bh = int(site.q.size(site.batch[0]))  # type: ignore[call-overload]
+        node = site.q.node
+        for _ in range(6):
+            if not isinstance(node, fx.Node) or kind(node) not in (
+                "reshape",
+                "contiguous",
+                "transpose",
+                "permute",
+                "flatten",
+            ):
+                break
+            src = node.args[0]
+            v = val(src) if isinstance(src, fx.Node) else None
+            if kind(node) in ("reshape", "flatten") and isinstance(v, torch.Tensor) and v.dim() == 4:
+                for h in (v.shape[1], v.shape[2]):
+                    if int(v.shape[0]) * int(h) == bh:
+                        site.split_heads = int(h)
+                        return
+            node = src
+        site.heads_known = False
+        site.notes.append(
+            f"the head count of the [B*H, S, D] operands is not visible in the graph: treated as {bh} heads of batch 1"
+        )
+
+    def _recover_masks(self, site: AttentionSite) -> None:
+        shape = [1] * len(site.score_roles)
+        qv = val(site.q.node)
+        for i, r in enumerate(site.score_roles):
+            if r == "q":
+                shape[i] = site.q_len
+            elif r == "k":
+                shape[i] = site.kv_len
+            else:
+                shape[i] = _hint(max(qv.shape[site.q.roles.index(r)], val(site.k.node).shape[site.k.roles.index(r)]))  # type: ignore[union-attr]
+        for t in site.terms:
+            t.structural, why = recover_structure(self.g, t, tuple(shape))
+            site.notes.append(f"mask {t.node.name} ({t.kind}): {why}")
+
+    # -- F.scaled_dot_product_attention --------------------------------------------------------
+    def _sdpa(self, node: fx.Node) -> AttentionSite:
+        q, k, v = node.args[0], node.args[1], node.args[2]
+        mask = arg(node, 3, "attn_mask")
+        dropout_p = arg(node, 4, "dropout_p", 0.0)
+        is_causal = arg(node, 5, "is_causal", False)
+        scale = arg(node, 6, "scale")
+        enable_gqa = node.kwargs.get("enable_gqa", arg(node, 7, "enable_gqa", False))
+        if dropout_p not in (0, 0.0):
+            raise NotASite(
+                f"scaled_dot_product_attention with dropout_p={dropout_p} samples a random mask at run "
+                f"time; only dropout_p=0 (eval) is rewritten"
+            )
+        if not isinstance(is_causal, bool):
+            raise NotASite(f"is_causal is not a compile-time constant ({is_causal})")
+        vq = val(q)
+        if not isinstance(vq, torch.Tensor) or vq.dim() not in (3, 4):
+            raise NotASite("scaled_dot_product_attention on tensors that are not 3-D or 4-D")
+        nb = vq.dim() - 2
+        batch = [f"b{i}" for i in range(nb)]
+        qo, ko, vo = Operand(q, batch + ["q", "d"]), Operand(k, batch + ["k", "d"]), Operand(v, batch + ["k", "e"])
+        if scale is None:
+            scale = 1.0 / math.sqrt(vq.shape[-1])
+        scale_v = _scalar(scale, self.g)
+        if scale_v is None:
+            raise NotASite(f"scale {scale} is not a compile-time constant")
+        terms = []
+        if isinstance(mask, fx.Node):
+            mv = val(mask)
+            if getattr(mv, "requires_grad", False):
+                raise NotASite("the attention mask requires grad; attncc treats masks as constants")
+            terms.append(MaskTerm(mask, "allow" if mv.dtype == torch.bool else "additive"))  # type: ignore[union-attr]
+        elif mask is not None:
+            raise NotASite(f"attn_mask {mask!r} is not a tensor")
+        gqa = "enable_gqa" if enable_gqa and val(k).shape[1] != vq.shape[1] else "none"  # type: ignore[union-attr]
+        if nb == 2 and gqa == "none":
+            ks, rk = strip_kv_repeat(ko, "b1")
+            vs, rv = strip_kv_repeat(vo, "b1")
+            if rk > 1 and rk == rv:
+                ko, vo, gqa = ks, vs, "repeat"
+        site = self._new_site(
+            anchor=node,
+            source="sdpa",
+            q=qo,
+            k=ko,
+            v=vo,
+            out=node,
+            out_roles=batch + ["q", "e"],
+            score_roles=batch + ["q", "k"],
+            batch=batch,
+            scale=scale_v,
+            terms=terms,
+            nodes=[node],
+            gqa=gqa,
+            is_causal=is_causal,
+        )
+        if is_causal and site.q_len != site.kv_len:
+            site.notes.append("is_causal with q_len != kv_len: top-left aligned (kv <= q), as SDPA defines it")
+        return site
+
+    # -- softmax(QK^T * scale + mask) V --------------------------------------------------------
+    def _explicit(self, sm: fx.Node) -> AttentionSite:
+        x = sm.args[0]
+        vx = val(x)
+        if not isinstance(x, fx.Node) or not isinstance(vx, torch.Tensor):
+            raise NotASite("softmax of a non-tensor", attention_like=False)
+        dim = arg(sm, 1, "dim")
+        if not isinstance(dim, int) or _norm_dim(dim, vx.dim()) != vx.dim() - 1:
+            raise NotASite(f"softmax over dim {dim}, not the last", attention_like=False)
+        chain: list[fx.Node] = []
+        ops: list[tuple] = []
+        cur = x
+        while True:
+            k = kind(cur)
+            if k in ("matmul", "einsum"):
+                qk = cur
+                break
+            nxt = self._score_step(cur, k, ops)
+            if nxt is None:
+                raise NotASite(f"softmax input is not a QK product (stopped at {cur.name})", attention_like=False)
+            chain.append(cur)
+            cur = nxt
+        prod = _product(qk)
+        if prod is None:
+            raise NotASite(f"{qk.name} is not a two-operand matmul/einsum", attention_like=False)
+        a, la, b, lb, lo = prod
+        roles = _roles_qk(la, lb, lo)
+        if roles is None:
+            raise NotASite(f"{qk.name} is not a QK^T product (operand labels {la},{lb}->{lo})", attention_like=False)
+        names, batch = roles
+        score_roles = [names[c] for c in lo]
+        if score_roles[-1] != "k":
+            raise NotASite(f"softmax over the query axis of {qk.name}, not the key axis", attention_like=False)
+        qo = look_through(a, [names[c] for c in la])
+        ko = look_through(b, [names[c] for c in lb])
+        # the probabilities: softmax -> casts -> P @ V, with no other use
+        post: list[fx.Node] = []
+        p = sm
+        while True:
+            users = list(p.users)
+            if len(users) != 1:
+                raise NotASite(
+                    f"attention probabilities {p.name} are used {len(users)} times "
+                    f"({', '.join(u.name for u in users)}); only softmax(QK)V with the probabilities "
+                    f"unused elsewhere is rewritten"
+                )
+            u = users[0]
+            ku = kind(u)
+            if ku == "cast":
+                post.append(u)
+                p = u
+                continue
+            if ku == "dropout":
+                raise NotASite(
+                    f"dropout {u.name} on the attention probabilities is in training mode (random at run "
+                    f"time); call model.eval() to rewrite this site"
+                )
+            if ku in ("matmul", "einsum"):
+                pv = u
+                break
+            raise NotASite(f"softmax output {p.name} feeds {u.name} ({u.target}), not a product with values")
+        pprod = _product(pv)
+        if pprod is None:
+            raise NotASite(f"{pv.name} is not a two-operand product")
+        pa, lpa, pb, lpb, lpo = pprod
+        if pa is p:
+            lp, vnode, lv = lpa, pb, lpb
+        elif pb is p:
+            lp, vnode, lv = lpb, pa, lpa
+        else:
+            raise NotASite(f"{pv.name} does not multiply the probabilities")
+        if len(lp) != len(score_roles):
+            raise NotASite(f"{pv.name}: probabilities of rank {len(lp)} for scores of rank {len(score_roles)}")
+        rename = {c: score_roles[i] for i, c in enumerate(lp)}
+        extra = [c for c in lv if c not in rename]
+        if len(extra) != 1:
+            raise NotASite(f"{pv.name} is not a P @ V product (labels {lp},{lv}->{lpo})")
+        rename[extra[0]] = "e"
+        vroles = [rename[c] for c in lv]
+        oroles = [rename.get(c, "?") for c in lpo]
+        if sorted(vroles) != sorted(batch + ["k", "e"]) or sorted(oroles) != sorted(batch + ["q", "e"]):
+            raise NotASite(f"{pv.name} is not a P @ V product over the key axis (labels {lp},{lv}->{lpo})")
+        vo = look_through(vnode, vroles)  # type: ignore[arg-type]
+        # the site subgraph must be convex: only the output leaves it
+        internal = set([qk, sm, pv] + chain + post)
+        leaks = escaping_nodes(self.g, internal, pv)
+        if leaks:
+            n, u = leaks[0]
+            raise NotASite(
+                f"intermediate {n.name} of the attention is also used by {u.name}; rewriting would "
+                f"change what {u.name} sees"
+            )
+        scale, terms = 1.0, []
+        for op in reversed(ops):
+            if op[0] == "scale":
+                scale *= op[1]
+                for t in terms:
+                    t.factor *= op[1]
+            elif op[0] == "term":
+                t = op[1]
+                if depends_on(self.g, t.node, {qk}):
+                    raise NotASite(
+                        f"mask {t.node.name} is computed from the scores themselves (data-dependent selection)"
+                    )
+                if getattr(val(t.node), "requires_grad", False):
+                    raise NotASite(f"mask {t.node.name} requires grad; attncc treats masks as constants")
+                terms.append(t)
+        if scale <= 0:
+            raise NotASite(f"scale {scale} is not positive")
+        gqa = "none"
+        if len(batch) == 2:
+            ks, rk = strip_kv_repeat(ko, "b1")
+            vs, rv = strip_kv_repeat(vo, "b1")
+            if rk > 1 and rk == rv:
+                ko, vo, gqa = ks, vs, "repeat"
+        return self._new_site(
+            anchor=sm,
+            source="explicit",
+            q=qo,
+            k=ko,
+            v=vo,
+            out=pv,
+            out_roles=oroles,
+            score_roles=score_roles,
+            batch=batch,
+            scale=scale,
+            terms=terms,
+            nodes=[qk] + chain[::-1] + [sm] + post + [pv],
+            gqa=gqa,
+        )
+
+    def _score_step(self, cur: fx.Node, k: str | None, ops: list[tuple]) -> fx.Node | None:
+        """One step from the scores towards QK: records scale/mask ops, returns the next node."""
+        args = cur.args
+        if k == "cast":
+            return args[0] if isinstance(args[0], fx.Node) else None
+        if k in ("mul", "div"):
+            a, b = args[0], args[1] if len(args) > 1 else cur.kwargs.get("other")
+            for chain_side, other in ((a, b), (b, a)):
+                if isinstance(chain_side, fx.Node) and self._reaches_product(chain_side):
+                    c = _scalar(other, self.g)
+                    if c is None:
+                        raise NotASite(f"{cur.name} scales the scores by {other}, which is not a compile-time constant")
+                    if k == "div" and chain_side is b:
+                        return None
+                    ops.append(("scale", c if k == "mul" else 1.0 / c))
+                    return chain_side
+            return None
+        if k == "add":
+            a, b = args[0], args[1] if len(args) > 1 else cur.kwargs.get("other")
+            if arg(cur, 2, "alpha", 1) != 1:
+                return None
+            for chain_side, other in ((a, b), (b, a)):
+                if isinstance(chain_side, fx.Node) and self._reaches_product(chain_side):
+                    if isinstance(other, fx.Node):
+                        ops.append(("term", MaskTerm(other, "additive")))
+                    elif _scalar(other, self.g) is None:
+                        return None
+                    # adding a constant to every score does not change softmax
+                    return chain_side
+            return None
+        if k == "masked_fill":
+            src, cond, value = args[0], arg(cur, 1, "mask"), arg(cur, 2, "value")
+            fill = _scalar(value, self.g)
+            if not isinstance(src, fx.Node) or not isinstance(cond, fx.Node):
+                return None
+            if fill is None or fill > _EXCLUDE_BELOW:
+                raise NotASite(
+                    f"{cur.name} fills masked scores with {value}; only -inf or a very negative value "
+                    f"(<= {_EXCLUDE_BELOW:g}) is a mask"
+                )
+            ops.append(("term", MaskTerm(cond, "disallow")))
+            return src
+        if k == "where":
+            cond, a, b = args[0], args[1], args[2]
+            if not isinstance(cond, fx.Node):
+                return None
+            for chain_side, other, kind_ in ((a, b, "allow"), (b, a, "disallow")):
+                if isinstance(chain_side, fx.Node) and self._reaches_product(chain_side):
+                    fill = _scalar(other, self.g)
+                    if fill is None or fill > _EXCLUDE_BELOW:
+                        raise NotASite(
+                            f"{cur.name} replaces scores with {other}; only -inf or a very negative value is a mask"
+                        )
+                    ops.append(("term", MaskTerm(cond, kind_)))  # type: ignore[arg-type]
+                    return chain_side
+            return None
+        return None
+
+    def _reaches_product(self, node: fx.Node, depth: int = 12) -> bool:
+        cur = node
+        for _ in range(depth):
+            k = kind(cur)
+            if k in ("matmul", "einsum"):
+                return True
+            if k not in ("cast", "mul", "div", "add", "masked_fill", "where"):
+                return False
+            nxt = (
+                [
+                    a
+                    for a in (cur.args[:1] if k in ("cast", "masked_fill") else cur.args)
+                    if isinstance(a, fx.Node) and self._reaches_product(a, depth - 1)
+                ]
+                if depth > 1
+                else []
+            )
+            return bool(nxt)
+        return False
+
+
+def detect(gm: fx.GraphModule) -> DetectResult:
+    """Find every attention site in ``gm`` (the graph is not modified)."""
+    return _Detector(gm).run()
+
+
+_ = dropout_is_identity

@@ -1,0 +1,71 @@
+"""Graph analyses on FX graphs with networkx: dependence, convexity, constant subgraphs."""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+from attncc.passes.normalize import val
+from torch import fx
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """Data-flow DiGraph over FX nodes (edge producer -> user)."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp, node)
+    return g
+
+
+def escaping_nodes(g: nx.DiGraph, internal: set[fx.Node], output: fx.Node) -> list[tuple[fx.Node, fx.Node]]:
+    """Edges (inside -> outside) that leave ``internal`` anywhere but from ``output``: an empty list
+    means the subgraph is convex with one exit, so it can be replaced as a unit."""
+    return [(n, u) for n in internal if n is not output for u in g.successors(n) if u not in internal]
+
+
+def depends_on(g: nx.DiGraph, node: fx.Node, sources: set[fx.Node]) -> bool:
+    """True when ``node`` is computed from any of ``sources``."""
+    return bool(nx.ancestors(g, node) & sources)
+
+
+def _is_symbolic_scalar(v: object) -> bool:
+    return isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def _hint(v: object) -> object:
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return v.node.hint
+    return v
+
+
+def constant_subgraph(g: nx.DiGraph, node: fx.Node) -> list[fx.Node] | None:
+    """The nodes ``node`` is computed from (itself included, in graph order) when none of them
+    reads tensor data from a graph input: a function of shapes and constants only. None otherwise."""
+    nodes = nx.ancestors(g, node) | {node}
+    for n in nodes:
+        if n.op == "placeholder" and not _is_symbolic_scalar(val(n)):
+            return None
+        if n.op in ("call_module", "get_attr"):
+            return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(nodes, key=order.__getitem__)
+
+
+def evaluate(nodes: list[fx.Node]) -> object:
+    """Run a constant subgraph (from :func:`constant_subgraph`) on real tensors; symbolic sizes
+    take their hint (the size this graph was traced with). Returns the last node's value."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs = []
+    for n in nodes:
+        if n.op == "placeholder":
+            env[n] = graph.placeholder(n.name)
+            inputs.append(_hint(val(n)))
+        else:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[nodes[-1]])
+    with unset_fake_temporarily(), torch.no_grad():
+        return fx.GraphModule(torch.nn.Module(), graph)(*inputs)

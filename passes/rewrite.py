@@ -1,0 +1,180 @@
+"""rewrite: each bound site's subgraph becomes one call of ``attncc::attention``."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from attncc.passes.detect import AttentionSite, MaskTerm, Operand
+from attncc.passes.normalize import val
+from torch import fx
+
+from attncc import registry
+
+
+@dataclass
+class RewriteResult:
+    rewritten: list[AttentionSite]
+
+
+class _Emitter:
+    def __init__(self, graph: fx.Graph, site: AttentionSite):
+        self.graph, self.site = graph, site
+        self.meta = {
+            k: site.out.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack") if k in site.out.meta
+        }
+
+    def method(self, name: str, *args) -> fx.Node:
+        node = self.graph.call_method(name, args)
+        node.meta.update(self.meta)
+        return node
+
+    def function(self, fn, *args) -> fx.Node:
+        node = self.graph.call_function(fn, args)
+        node.meta.update(self.meta)
+        return node
+
+    def to_bhsd(self, node: fx.Node, roles: list[str], order: list[str], split: tuple[int, int]) -> fx.Node:
+        """Permute ``node`` (dims named ``roles``) to ``order`` and make the batch part ``[B, H]``
+        (``split`` is how a merged ``[B*H]`` dim unflattens)."""
+        perm = [roles.index(r) for r in order]
+        if perm != list(range(len(perm))):
+            node = self.method("permute", node, *perm)
+        nb = len(self.site.batch)
+        if nb == 1:
+            node = self.method("unflatten", node, 0, split)
+        elif nb == 0:
+            node = self.method("unsqueeze", self.method("unsqueeze", node, 0), 0)
+        return node
+
+    def operand(self, op: Operand, seq: str, dim: str, kv: bool) -> fx.Node:
+        site = self.site
+        # [B*Hkv] splits with the query's batch size, [B*H] with the head count
+        split = (site.batch_size, -1) if kv else (-1, site.num_heads)
+        return self.to_bhsd(op.node, op.roles, site.batch + [seq, dim], split)
+
+    def mask(self, terms: list[MaskTerm]) -> fx.Node | None:
+        site = self.site
+        n = len(site.score_roles)
+        canon = site.batch + ["q", "k"]
+        allowed: fx.Node | None = None
+        additive: fx.Node | None = None
+        for t in terms:
+            m = t.node
+            nd = val(m).dim()  # type: ignore[union-attr]
+            for _ in range(n - nd):
+                m = self.method("unsqueeze", m, 0)
+            m = self.to_bhsd_mask(m, site.score_roles, canon)
+            if t.kind == "additive":
+                if t.factor != 1.0:
+                    m = self.function(operator.mul, m, t.factor)
+                additive = m if additive is None else self.function(operator.add, additive, m)
+            else:
+                if val(t.node).dtype != torch.bool:  # type: ignore[union-attr]
+                    m = self.method("bool", m)
+                if t.kind == "disallow":
+                    m = self.function(torch.logical_not, m)
+                allowed = m if allowed is None else self.function(torch.logical_and, allowed, m)
+        if additive is None:
+            return allowed
+        if allowed is not None:
+            additive = self.method("masked_fill", additive, self.function(torch.logical_not, allowed), float("-inf"))
+        return additive
+
+    def to_bhsd_mask(self, m: fx.Node, roles: list[str], order: list[str]) -> fx.Node:
+        perm = [roles.index(r) for r in order]
+        if perm != list(range(len(perm))):
+            m = self.method("permute", m, *perm)
+        nb = len(self.site.batch)
+        if nb == 1:
+            first = val(self.site.terms[0].node)
+            shape0 = _first_dim_after(m, first)
+            if shape0 == 1:
+                m = self.method("unsqueeze", m, 0)
+            else:
+                m = self.method("unflatten", m, 0, (self.site.batch_size, -1))
+        elif nb == 0:
+            m = self.method("unsqueeze", self.method("unsqueeze", m, 0), 0)
+        return m
+
+
+def _first_dim_after(node: fx.Node, _unused) -> int | None:
+    """Size of dim 0 of a freshly emitted mask node (tracked through unsqueeze/permute)."""
+    chain = []
+    cur = node
+    while cur.op == "call_method" and cur.target in ("unsqueeze", "permute"):
+        chain.append(cur)
+        cur = cur.args[0]  # type: ignore[assignment]
+    v = val(cur)
+    if not isinstance(v, torch.Tensor):
+        return None
+    shape = list(v.shape)
+    for c in reversed(chain):
+        if c.target == "unsqueeze":
+            shape.insert(c.args[1], 1)  # type: ignore[arg-type]
+        else:
+            shape = [shape[i] for i in c.args[1:]]  # type: ignore[index]
+    return int(shape[0]) if shape and not isinstance(shape[0], torch.SymInt) else None
+
+
+def rewrite_site(gm: fx.GraphModule, site: AttentionSite, executor: str) -> None:
+    graph = gm.graph
+    plan_key = registry.register_plan(site.plan)  # type: ignore[arg-type]
+    site.plan_key = plan_key
+    em = _Emitter(graph, site)
+    with graph.inserting_before(site.out):
+        q = em.operand(site.q, "q", "d", kv=False)
+        k = em.operand(site.k, "k", "d", kv=True)
+        v = em.operand(site.v, "k", "e", kv=True)
+        kb, qb = val(site.k.node), val(site.q.node)
+        if len(site.batch) == 2:
+            b_role = site.batch[0]
+            if site.k.size(b_role) == 1 and site.q.size(b_role) != 1:
+                k = em.method("expand", k, site.q.size(b_role), -1, -1, -1)
+                v = em.method("expand", v, site.q.size(b_role), -1, -1, -1)
+        mask = em.mask(site.runtime_terms)
+        call = em.function(torch.ops.attncc.attention.default, q, k, v, mask, plan_key, executor)
+        out = em.function(operator.getitem, call, 0)
+        canon = site.batch + ["q", "e"]
+        nb = len(site.batch)
+        if nb == 1:
+            out = em.method("flatten", out, 0, 1)
+        elif nb == 0:
+            out = em.method("squeeze", em.method("squeeze", out, 0), 0)
+        perm = [canon.index(r) for r in site.out_roles]
+        if perm != list(range(len(perm))):
+            out = em.method("permute", out, *perm)
+        want = val(site.out)
+        if isinstance(want, torch.Tensor) and want.dtype != qb.dtype:  # type: ignore[union-attr]
+            out = em.method("to", out, want.dtype)
+    _ = kb
+    site.out.replace_all_uses_with(out)
+    _erase_dead(graph, site)
+
+
+def _erase_dead(graph: fx.Graph, site: AttentionSite) -> None:
+    """Remove the site's old nodes and whatever only they used (mask building, repeated KV)."""
+    changed = True
+    candidates = set(site.nodes) | {t.node for t in site.terms}
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node in candidates and not node.users and node.op not in ("placeholder", "output"):
+                candidates.update(node.all_input_nodes)
+                graph.erase_node(node)
+                changed = True
+
+
+def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], executor: str) -> RewriteResult:
+    """Replace every bound site; returns the rewritten ones."""
+    done = []
+    for site in sites:
+        if site.plan is None:
+            continue
+        rewrite_site(gm, site, executor)
+        done.append(site)
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return RewriteResult(done)
