@@ -1,0 +1,453 @@
+"""Generated forward kernels equal the dense reference (Triton interpreter on CPU, ``triton`` on
+CUDA), visit exactly the non-empty blocks, are cached, snapshotted and compile for sm_90.
+
+Tolerances against the fp32 reference: fp32 atol 1e-5; fp16 atol 2e-3 and bf16 atol 1.6e-2 on
+the output (about two ulps of the output dtype near 1: the kernel accumulates in fp32 and rounds
+once on store; on GPUs P is rounded to the input dtype before P @ V, hence the ulp margin);
+lse is fp32 in every case (atol 1e-5, 1e-3 for fp16/bf16 inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+from attncc.codegen import kernel_name
+from attncc.codegen.cache import KernelCache
+from attncc.codegen.executors import run
+from attncc.codegen.forward import attention_fwd
+from attncc.codegen.generate import CodegenError, emit_mask_predicate, generate_forward
+from attncc.codegen.reference import attention_reference
+
+from attncc import masks as M
+from attncc.permute import TilePermutation
+from attncc.plan import AttentionPlan
+
+GOLDEN = pathlib.Path(__file__).parent / "golden"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+OUT_ATOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+LSE_ATOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-3}
+HAS_CUDA = torch.cuda.is_available()
+
+#: every plan a test below ran, compiled for sm_90 by ``test_every_generated_kernel_compiles_for_sm90``
+GENERATED: dict[str, AttentionPlan] = {}
+
+
+def make_plan(
+    *programs: M.Mask,
+    heads: int = 2,
+    kv_heads: int | None = None,
+    q_len: int = 64,
+    kv_len: int | None = None,
+    head_dim: int = 32,
+    dtype: str = "float32",
+    block_q: int = 16,
+    block_kv: int = 16,
+    head_to_program: tuple[int, ...] | None = None,
+    **kw,
+) -> AttentionPlan:
+    programs = programs or (M.Full(),)
+    if head_to_program is None:
+        head_to_program = tuple(min(h, len(programs) - 1) for h in range(heads))
+    return AttentionPlan(
+        programs=tuple(programs),
+        head_to_program=head_to_program,
+        num_heads=heads,
+        num_kv_heads=kv_heads or heads,
+        q_len=q_len,
+        kv_len=kv_len or q_len,
+        head_dim=head_dim,
+        head_dim_v=kw.pop("head_dim_v", head_dim),
+        dtype=dtype,
+        scale=head_dim**-0.5,
+        block_q=block_q,
+        block_kv=block_kv,
+        **kw,
+    )
+
+
+def inputs(plan: AttentionPlan, batch: int = 1, seed: int = 0, device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[plan.dtype]
+    q = torch.randn(batch, plan.num_heads, plan.q_len, plan.head_dim, generator=g)
+    k = torch.randn(batch, plan.num_kv_heads, plan.kv_len, plan.head_dim, generator=g)
+    v = torch.randn(batch, plan.num_kv_heads, plan.kv_len, plan.head_dim_v, generator=g)
+    return q.to(device, dt), k.to(device, dt), v.to(device, dt)
+
+
+def nonempty_blocks(plan: AttentionPlan) -> torch.Tensor:
+    """[H, nq] number of kv blocks with at least one allowed pair, from the dense mask in kernel order."""
+    dense = plan.dense_mask()
+    order = plan.order()
+    if order is not None:
+        dense = dense[:, order][:, :, order]
+    nq, nk = -(-plan.q_len // plan.block_q), -(-plan.kv_len // plan.block_kv)
+    padded = torch.zeros(plan.num_heads, nq * plan.block_q, nk * plan.block_kv, dtype=torch.bool)
+    padded[:, : plan.q_len, : plan.kv_len] = dense
+    blocks = padded.view(plan.num_heads, nq, plan.block_q, nk, plan.block_kv).any(4).any(2)
+    return blocks.sum(2)
+
+
+def check_plan(
+    plan: AttentionPlan, batch: int = 1, mask_tensor: torch.Tensor | None = None, device: str = "cpu"
+) -> None:
+    """Kernel vs reference on NaN-prefilled outputs, and visited blocks vs table vs dense mask."""
+    GENERATED[plan.key()] = plan
+    q, k, v = inputs(plan, batch, device=device)
+    b, h = batch, plan.num_heads
+    table = plan.block_table()
+    out = torch.full((b, h, plan.q_len, plan.head_dim_v), float("nan"), dtype=q.dtype, device=device)
+    lse = torch.full((b, h, plan.q_len), float("nan"), device=device)
+    visits = torch.full((b * h, table.num_q_blocks), -1, dtype=torch.int32, device=device)
+    attention_fwd(
+        plan, q, k, v, mask_tensor, out=out, lse=lse, visits=visits, target="cuda" if device == "cuda" else "interpret"
+    )
+    ref_out, ref_lse = attention_reference(plan, q, k, v, mask_tensor)
+    assert not out.isnan().any(), "kernel left output elements unwritten"
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=OUT_ATOL[plan.dtype], rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=LSE_ATOL[plan.dtype], rtol=0)
+    # no kernel reads an empty block: visits == block table == non-empty blocks of the dense mask
+    prog = torch.tensor(plan.head_to_program)
+    per_table = (table.kv_num_blocks + table.full_num_blocks)[prog]  # [H, nq]
+    assert torch.equal(visits.view(b, h, -1).cpu(), per_table.unsqueeze(0).expand(b, -1, -1))
+    assert torch.equal(per_table.sum(1).long(), nonempty_blocks(plan).sum(1).long())
+
+
+MASK_CASES = {
+    "full": M.Full(),
+    "causal": M.Causal(),
+    "window16": M.Window(15, 0),
+    "window_before5_after9": M.Window(5, 9),
+    "sink4_or_window8": M.Any_((M.Sink(4), M.Window(7, 0))),
+    "global3": M.Global(3),
+    "prefix20_or_causal": M.Any_((M.Prefix(20), M.Causal())),
+    "chunk24": M.Chunk(24),
+    "block_causal8": M.BlockCausal(8),
+    "strided5": M.Strided(5),
+    "power4": M.Power(4),
+    "random_blocks2": M.RandomBlocks(2, seed=3, block=16),
+    "not_causal": M.Not(M.Causal()),  # the last row sees no key: zeros and lse = -inf
+    "causal_and_streaming": M.All((M.Causal(), M.Any_((M.Sink(2), M.Window(10, 0))))),
+}
+
+
+@pytest.mark.parametrize("mask", MASK_CASES.values(), ids=MASK_CASES.keys())
+def test_mask_primitives_and_compositions(mask):
+    # random_blocks depends on the head: one program per head keeps its block table exact
+    heads_one_program = mask.depends_on_head
+    if heads_one_program:
+        plan = make_plan(mask, mask, q_len=75, heads=2, head_to_program=(0, 1))
+    else:
+        plan = make_plan(mask, q_len=75)
+    check_plan(plan)
+
+
+def test_tile3d_with_permutation():
+    grid = (4, 4, 4)
+    mask = M.Tile3D(grid, (1, 1, 1))
+    plan = make_plan(mask, q_len=64, block_q=16, block_kv=16, permute=TilePermutation(grid, (2, 2, 4)))
+    check_plan(plan, batch=2)
+
+
+def test_tile3d_permuted_awkward_length():
+    grid = (3, 5, 5)  # 75 tokens: the last block is padded in kernel order
+    plan = make_plan(M.Tile3D(grid, (1, 2, 2)), q_len=75, permute=TilePermutation(grid, (1, 5, 5)))
+    check_plan(plan)
+
+
+def test_head_policies_two_programs():
+    plan = make_plan(M.Causal(), M.Window(7, 0), heads=4, head_to_program=(1, 0, 0, 1), q_len=80)
+    check_plan(plan, batch=2)
+
+
+def test_three_programs_and_gqa():
+    programs = (M.Causal(), M.Chunk(16), M.Any_((M.Sink(4), M.Window(7, 0))))
+    plan = make_plan(*programs, heads=6, kv_heads=2, head_to_program=(0, 1, 2, 2, 1, 0), q_len=48)
+    check_plan(plan)
+
+
+@pytest.mark.parametrize("group", [2, 4], ids=["gqa2", "gqa4"])
+def test_gqa_reads_shared_kv_head(group):
+    check_plan(make_plan(M.Causal(), heads=4, kv_heads=4 // group, q_len=50))
+
+
+@pytest.mark.parametrize("q_len", [63, 100], ids=["seq63", "seq100"])
+def test_sequence_not_block_multiple(q_len):
+    check_plan(make_plan(M.Causal(), q_len=q_len, block_q=32, block_kv=16), batch=2)
+
+
+@pytest.mark.parametrize(
+    "q_len,kv_len,q_offset",
+    [(40, 100, 60), (33, 70, 0), (96, 50, 0)],
+    ids=["decode_tail_q40_kv100", "q33_kv70", "q96_kv50"],
+)
+def test_q_len_differs_from_kv_len(q_len, kv_len, q_offset):
+    check_plan(make_plan(M.Causal(), q_len=q_len, kv_len=kv_len, q_offset=q_offset))
+
+
+@pytest.mark.parametrize(
+    "head_dim,head_dim_v", [(16, 16), (64, 64), (80, 80), (48, 24)], ids=["d16", "d64", "d80", "d48_dv24"]
+)
+def test_head_dims(head_dim, head_dim_v):
+    check_plan(make_plan(M.Window(20, 0), q_len=50, head_dim=head_dim, head_dim_v=head_dim_v))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_dtypes(dtype):
+    check_plan(make_plan(M.Causal(), q_len=70, head_dim=64, dtype=dtype), batch=2)
+
+
+def _bool_mask(batch: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """Key padding per batch row, [B, 1, 1, Skv] (stride-0 broadcast over heads and queries)."""
+    keep = torch.ones(batch, 1, 1, kv_len, dtype=torch.bool)
+    keep[0, ..., kv_len - 9 :] = False
+    keep[1, ..., :5] = False
+    return keep
+
+
+def test_model_mask_bool_broadcast():
+    plan = make_plan(M.Causal(), q_len=60, mask_kind="bool")
+    check_plan(plan, batch=2, mask_tensor=_bool_mask(2, 60, 60))
+
+
+def test_model_mask_bool_full_per_head():
+    plan = make_plan(M.Window(15, 0), q_len=48, mask_kind="bool")
+    g = torch.Generator().manual_seed(1)
+    check_plan(plan, batch=1, mask_tensor=torch.rand(1, 2, 48, 48, generator=g) > 0.3)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_mask_additive(dtype):
+    plan = make_plan(M.Full(), q_len=40, kv_len=56, mask_kind="additive", dtype=dtype)
+    g = torch.Generator().manual_seed(2)
+    add = torch.randn(40, 56, generator=g)  # [Sq, Skv], broadcast over batch and heads
+    add[:, 50:] = float("-inf")
+    add[3] = float("-inf")  # a row with nothing allowed
+    check_plan(plan, batch=2, mask_tensor=add.to(DTYPES[dtype]))
+
+
+def test_strided_inputs_are_not_copied():
+    # q/k/v as transposed views of [B, S, H, D] tensors: strides reach the kernel unchanged
+    plan = make_plan(M.Causal(), q_len=40, heads=2)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 40, 2, 32, generator=g).transpose(1, 2) for _ in range(3))
+    out, lse = attention_fwd(plan, q, k, v, target="interpret")
+    ref_out, ref_lse = attention_reference(plan, q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+
+
+def test_executor_dispatch():
+    plan = make_plan(M.Causal(), q_len=40)
+    q, k, v = inputs(plan)
+    out, lse = run(plan, q, k, v, executor="interpret")
+    ref_out, _ = run(plan, q, k, v, executor="reference")
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    if not HAS_CUDA:
+        with pytest.raises(ValueError, match="needs CUDA tensors"):
+            run(plan, q, k, v, executor="triton")
+
+
+def test_bad_inputs_are_reported():
+    plan = make_plan(M.Causal(), q_len=40)
+    q, k, v = inputs(plan)
+    with pytest.raises(ValueError, match="dtype"):
+        attention_fwd(plan, q.half(), k, v, target="interpret")
+    with pytest.raises(ValueError, match="shape"):
+        attention_fwd(plan, q[:, :, :30], k, v, target="interpret")
+    with pytest.raises(ValueError, match="mask_kind"):
+        attention_fwd(plan, q, k, v, torch.ones(40, 40, dtype=torch.bool), target="interpret")
+
+
+def test_unsupported_plans_raise():
+    with pytest.raises(CodegenError, match="block_q 8"):
+        generate_forward(make_plan(M.Causal(), block_q=8))
+    selector = M.Selector("topk", (("k", 4),))
+    with pytest.raises(CodegenError, match="run time"):
+        generate_forward(make_plan(selector))
+    with pytest.raises(CodegenError, match="float64"):
+        generate_forward(make_plan(M.Causal(), dtype="float64"))
+
+
+def test_generated_source_reads_like_a_kernel():
+    plan = make_plan(M.Causal(), M.Window(7, 0), heads=2, head_to_program=(0, 1))
+    src = generate_forward(plan)
+    assert f"def {kernel_name(plan)}(" in src and kernel_name(plan) == "heads_causal_window8_fwd_kernel"
+    assert "# [BM, BN]" in src and "tl.static_assert" in src and "make_block_ptr" not in src
+    assert "HAS_PERM: tl.constexpr" in src and "tl.load(HeadToProgram + off_h)" in src
+    one = generate_forward(make_plan(M.Causal()))
+    assert "HeadToProgram" not in one and "_rb_hash" not in one
+    assert "def _rb_hash" in emit_mask_predicate(make_plan(M.RandomBlocks(1, 0, 16)))
+
+
+def test_cache_generates_once(tmp_path):
+    cache = KernelCache(tmp_path)
+    plan = make_plan(M.Causal(), q_len=32)
+    first = cache.module(plan, "interpret")
+    assert cache.stats.generated == 1
+    assert cache.module(plan, "interpret") is first
+    assert cache.stats.generated == 1 and cache.stats.hits == 1
+    # a new process (a new cache object) finds the source on disk and generates nothing
+    again = KernelCache(tmp_path)
+    again.module(plan, "interpret")
+    assert again.stats.generated == 0
+    assert cache.source_path(plan).read_text() == generate_forward(plan)
+    # a different plan is a different kernel file
+    cache.source(make_plan(M.Causal(), q_len=48))
+    assert cache.stats.generated == 2
+
+
+def test_golden_source():
+    """A refactor that changes the generated source shows up as a diff of this snapshot;
+    ATTNCC_UPDATE_GOLDEN=1 rewrites it."""
+    plan = make_plan(
+        M.Causal(),
+        M.Any_((M.Sink(4), M.Window(63, 0))),
+        heads=4,
+        kv_heads=2,
+        head_to_program=(0, 0, 1, 1),
+        q_len=256,
+        head_dim=64,
+        dtype="bfloat16",
+        block_q=64,
+        block_kv=64,
+        rule="golden",
+    )
+    path = GOLDEN / "heads_causal_sink4_or_window64_fwd.py"
+    src = generate_forward(plan)
+    if os.environ.get("ATTNCC_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(src)
+    assert path.exists(), f"{path} is missing; run with ATTNCC_UPDATE_GOLDEN=1 to create it"
+    assert src == path.read_text(), f"generated source differs from {path}; ATTNCC_UPDATE_GOLDEN=1 accepts it"
+    GENERATED[plan.key()] = plan
+
+
+def test_dump_writes_kernels_and_manifest(tmp_path):
+    from attncc.codegen.dump import write_kernels
+
+    plans = [make_plan(M.Causal(), q_len=64), make_plan(M.Window(15, 0), q_len=64)]
+    manifest: dict = {}
+    entries = write_kernels(tmp_path, plans + plans[:1], manifest=manifest, aot=False)
+    assert len(entries) == 2 and manifest["kernels"] == entries
+    for plan, e in zip(plans, entries):
+        assert (tmp_path / e["file"]).read_text() == generate_forward(plan)
+        assert (tmp_path / e["plan_file"]).read_text().startswith(f"plan {plan.key()}")
+        assert e["kernel"] == kernel_name(plan) and (e["block_q"], e["block_kv"]) == (16, 16)
+        dense = plan.dense_mask().flatten(1).double().mean(1).tolist()
+        assert e["head_density"] == pytest.approx(dense, abs=1e-6)
+    causal = entries[0]["blocks"]["per_program"][0]
+    assert (causal["full"], causal["partial"], causal["total"]) == (6, 4, 16)
+
+
+def test_dump_cli(tmp_path, capsys):
+    from attncc.codegen.dump import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("attncc: 1\nname: t\nblock_size: 32\nrules:\n  - mask: {all: [causal, {window: 40}]}\n")
+    out = tmp_path / "dump"
+    assert (
+        main(
+            [
+                str(spec),
+                "--q-len",
+                "100",
+                "--heads",
+                "2",
+                "--head-dim",
+                "64",
+                "--dtype",
+                "bf16",
+                "--out",
+                str(out),
+                "--no-aot",
+            ]
+        )
+        == 0
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    (entry,) = manifest["kernels"]
+    assert entry["kernel"] == "causal_window40_fwd_kernel" and (out / entry["file"]).exists()
+    later = tmp_path / "later.yaml"
+    later.write_text("attncc: 1\nname: t\nrules:\n  - where: {layers: '2-'}\n    mask: causal\n")
+    assert main([str(later), "--q-len", "64", "--heads", "2", "--head-dim", "64", "--out", str(out)]) == 2
+    assert "no rule" in capsys.readouterr().err
+
+
+def test_every_generated_kernel_compiles_for_sm90(tmp_path):
+    """AOT: each distinct kernel the tests above generated compiles for sm_90 (one subprocess)."""
+    from attncc.codegen.aot import compile_plans
+
+    typical = make_plan(M.Causal(), heads=4, q_len=1024, head_dim=64, dtype="bfloat16", block_q=64, block_kv=64)
+    plans = {typical.key(): typical, **GENERATED}
+    # kernels differ by mask programs and constexprs; shapes only change run-time arguments
+    distinct = {}
+    for p in plans.values():
+        distinct.setdefault(
+            (
+                p.programs,
+                p.head_to_program != (0,) * p.num_heads,
+                p.dtype,
+                p.head_dim,
+                p.head_dim_v,
+                p.block_q,
+                p.block_kv,
+                p.permute is not None,
+                p.mask_kind,
+                p.q_len % p.block_q == 0,
+                p.kv_len % p.block_kv == 0,
+                p.gqa_group,
+            ),
+            p,
+        )
+    results = compile_plans(list(distinct.values()), tmp_path, archs=(90,))
+    failures = [(kernel_name(p), r[0]["error"]) for p, r in zip(distinct.values(), results) if "error" in r[0]]
+    assert not failures, failures
+    sm90 = results[list(distinct).index(next(k for k, p in distinct.items() if p is typical))][0]
+    assert sm90["shared_bytes"] > 0 and sm90.get("num_regs", 1) > 0
+    assert (tmp_path / pathlib.Path(sm90["files"]["ptx"]).relative_to(tmp_path)).exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize(
+    "case",
+    ["causal", "heads_gqa", "tile3d_perm", "mask_bool", "seq100_d80", "bf16", "fp16"],
+)
+def test_triton_executor_on_cuda(case):
+    grid = (4, 8, 8)
+    plans = {
+        "causal": (make_plan(M.Causal(), q_len=512, head_dim=64, block_q=64, block_kv=64), None),
+        "heads_gqa": (
+            make_plan(
+                M.Causal(),
+                M.Window(63, 0),
+                heads=4,
+                kv_heads=2,
+                head_to_program=(0, 1, 0, 1),
+                q_len=300,
+                head_dim=64,
+                block_q=64,
+                block_kv=32,
+            ),
+            None,
+        ),
+        "tile3d_perm": (
+            make_plan(
+                M.Tile3D(grid, (1, 2, 2)), q_len=256, block_q=64, block_kv=64, permute=TilePermutation(grid, (1, 8, 8))
+            ),
+            None,
+        ),
+        "mask_bool": (
+            make_plan(M.Causal(), q_len=200, mask_kind="bool", block_q=64, block_kv=64),
+            _bool_mask(2, 200, 200).cuda(),
+        ),
+        "seq100_d80": (make_plan(M.Causal(), q_len=100, head_dim=80, block_q=32, block_kv=32), None),
+        "bf16": (make_plan(M.Causal(), q_len=256, head_dim=128, dtype="bfloat16", block_q=64, block_kv=64), None),
+        "fp16": (make_plan(M.Window(100, 0), q_len=256, head_dim=64, dtype="float16", block_q=64, block_kv=64), None),
+    }
+    plan, mask = plans[case]
+    check_plan(plan, batch=2, mask_tensor=mask, device="cuda")
