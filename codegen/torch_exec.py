@@ -38,7 +38,7 @@ _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 #: full runs up to this many blocks stay inside a partial segment (a bias is cheaper than a merge)
-MERGE_FULL_BLOCKS = 4
+MERGE_FULL_BLOCKS = 16
 #: a class of equal-length segments that falls into more chains than this is gathered in one call
 MAX_CHAINS = 4
 _NEG = float("-inf")
@@ -167,12 +167,35 @@ def _prepare(plan: AttentionPlan, device: torch.device, with_mask_tensor: bool) 
     return _Prepared(units, order, inverse, order, nqb, bq)
 
 
+def _partial_tiles(plan, mask, head, rows, cols, q_pos, kv_pos) -> np.ndarray:
+    """Exact ``[n, bq, bk]`` allowed tiles of the partial blocks ``(rows[i], cols[i])``, evaluated
+    in a few vectorised calls (padding past either length is not allowed)."""
+    bq, bk = plan.block_q, plan.block_kv
+    nkb = -(-plan.kv_len // bk)
+    kv_pad = torch.full((nkb * bk,), -1, dtype=torch.int64)
+    kv_pad[: plan.kv_len] = kv_pos
+    q_blocks, kv_blocks = q_pos.view(-1, bq), kv_pad.view(-1, bk)
+    out = np.zeros((len(rows), bq, bk), dtype=bool)
+    step = max(1, (1 << 22) // (bq * bk))
+    h = torch.tensor(head).view(1, 1, 1)
+    for s in range(0, len(rows), step):
+        qp = q_blocks[torch.from_numpy(rows[s : s + step])][:, :, None]
+        kp = kv_blocks[torch.from_numpy(cols[s : s + step])][:, None, :]
+        allowed = mask.dense(h, qp.clamp(min=0), kp.clamp(min=0), plan.q_len, plan.kv_len)
+        out[s : s + step] = (allowed & (qp >= 0) & (kp >= 0)).numpy()
+    return out
+
+
 def _segments(plan, mask, head, table, q_pos, kv_pos) -> list[tuple[int, int, int, torch.Tensor | None]]:
     """``(row, kv_start, length, allowed tile [bq, length] or None)`` per segment, kernel order."""
     bq, bk, kv_len = plan.block_q, plan.block_kv, plan.kv_len
     pn, pi = table.kv_num_blocks[0].numpy(), table.kv_indices[0].numpy()
     fn, fi = table.full_num_blocks[0].numpy(), table.full_indices[0].numpy()
-    hq = torch.tensor(head).view(1, 1)
+    p_rows = np.repeat(np.arange(pn.shape[0]), pn)
+    p_cols = np.concatenate([pi[r, : pn[r]] for r in range(pn.shape[0])]).astype(np.int64)
+    tiles = _partial_tiles(plan, mask, head, p_rows, p_cols, q_pos, kv_pos)
+    tile_of = {(int(r), int(c)): i for i, (r, c) in enumerate(zip(p_rows, p_cols))}
+    q_valid_all = (q_pos >= 0).numpy().reshape(-1, bq)
     out = []
     for r in range(pn.shape[0]):
         blocks = np.concatenate([pi[r, : pn[r]], fi[r, : fn[r]]]).astype(np.int64)
@@ -181,23 +204,24 @@ def _segments(plan, mask, head, table, q_pos, kv_pos) -> list[tuple[int, int, in
         partial = np.concatenate([np.ones(pn[r], bool), np.zeros(fn[r], bool)])
         order = np.argsort(blocks, kind="stable")
         blocks, partial = blocks[order], partial[order]
-        qp = q_pos[r * bq : (r + 1) * bq]
-        q_valid = qp >= 0
+        q_valid = q_valid_all[r]
         for lo, hi, is_partial in _runs(blocks, partial):
             t_lo, t_hi = lo * bk, min(hi * bk, kv_len)
             if not is_partial:
                 out.append((r, t_lo, t_hi - t_lo, None))
                 continue
-            kp = kv_pos[t_lo:t_hi]
-            allowed = mask.dense(hq, qp.view(-1, 1), kp.view(1, -1), plan.q_len, kv_len) & q_valid.view(-1, 1)
-            cols = allowed.any(0).nonzero().flatten()
-            if cols.numel() == 0:
+            full = np.broadcast_to(q_valid[:, None], (bq, bk))
+            allowed = np.concatenate(
+                [tiles[tile_of[(r, c)]] if (r, c) in tile_of else full for c in range(lo, hi)], axis=1
+            )[:, : t_hi - t_lo]
+            cols = np.nonzero(allowed.any(0))[0]
+            if cols.size == 0:
                 continue
             c0, c1 = int(cols[0]), int(cols[-1]) + 1
             tile = allowed[:, c0:c1]
-            if bool(tile[q_valid].all()):
-                tile = None
-            out.append((r, t_lo + c0, c1 - c0, tile))
+            out.append(
+                (r, t_lo + c0, c1 - c0, None if (tile | ~q_valid[:, None]).all() else torch.from_numpy(tile.copy()))
+            )
     return out
 
 

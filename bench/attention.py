@@ -1,0 +1,401 @@
+"""Attention benchmark matrix: attncc vs compiled FlexAttention vs dense and masked SDPA.
+
+    python -m bench.attention --quick            # S=4096, the target matrix (< 5 min on 2 cores)
+    python -m bench.attention --long            # also S=8192 and 16384
+    python -m bench.attention --json            # write bench/results/<machine>-<date>.json
+    python -m bench.attention --compile-overhead
+    python -m bench.attention --scale           # block-table build time and peak memory, 128k / 1M tokens
+
+Every implementation is timed in the same process, interleaved (one call of each per repeat,
+after a warm-up), and the median is reported. Only ratios between columns mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from attncc import masks as M
+from attncc.permute import TilePermutation
+from attncc.plan import AttentionPlan
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- the cases ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mask of the matrix: attncc programs per head and the same predicate for FlexAttention."""
+
+    name: str
+    programs: tuple[M.Mask, ...]
+    head_to_program: tuple[int, ...]
+    permute: TilePermutation | None = None
+    grid: tuple[int, int, int] | None = None  # tile3d: the sequence length is fixed by the grid
+
+
+def _causal() -> M.Mask:
+    return M.Causal()
+
+
+def _window(n: int) -> M.Mask:
+    return M.All((M.Causal(), M.Window(n - 1, 0)))
+
+
+def _sink_window(sink: int, n: int) -> M.Mask:
+    return M.All((M.Causal(), M.Any_((M.Sink(sink), M.Window(n - 1, 0)))))
+
+
+def cases(heads: int) -> list[Case]:
+    half = heads // 2
+    return [
+        Case("causal", (_causal(),), (0,) * heads),
+        Case("window256", (_window(256),), (0,) * heads),
+        Case("sink64_window512", (_sink_window(64, 512),), (0,) * heads),
+        Case("per_head", (_causal(), _sink_window(64, 512)), (0,) * half + (1,) * (heads - half)),
+        Case("block_causal256", (M.BlockCausal(256),), (0,) * heads),
+        Case("tile3d_8x16x32", (M.Tile3D((8, 16, 32), (1, 3, 7)),), (0,) * heads,
+             TilePermutation((8, 16, 32), (2, 4, 8)), (8, 16, 32)),
+    ]
+
+
+def make_plan(case: Case, seq: int, heads: int, kv_heads: int, dim: int, dtype: str, block: int) -> AttentionPlan:
+    return AttentionPlan(programs=case.programs, head_to_program=case.head_to_program, num_heads=heads,
+                         num_kv_heads=kv_heads, q_len=seq, kv_len=seq, head_dim=dim, head_dim_v=dim, dtype=dtype,
+                         scale=dim ** -0.5, block_q=block, block_kv=block, permute=case.permute, rule=case.name)
+
+
+def flex_mask_mod(plan: AttentionPlan):
+    """FlexAttention mask_mod over *kernel-order* indices: the same predicates as the plan."""
+    order = plan.order()
+    progs = plan.programs
+    h2p = torch.tensor(plan.head_to_program)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp = order[q_idx] if order is not None else q_idx
+        kp = order[kv_idx] if order is not None else kv_idx
+        out = progs[0].dense(h, qp, kp, plan.q_len, plan.kv_len)
+        for i, p in enumerate(progs[1:], 1):
+            out = torch.where(h2p[h] == i, p.dense(h, qp, kp, plan.q_len, plan.kv_len), out)
+        return out
+
+    return mask_mod
+
+
+# -- timing ------------------------------------------------------------------------------------
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per function, calls interleaved so drifting machine load hits all alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def machine_name() -> str:
+    if torch.cuda.is_available():
+        dev = torch.cuda.get_device_name()
+    else:
+        dev = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    dev = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        dev = f"{dev} x{torch.get_num_threads()}"
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"{platform.system()}-{dev}").strip("-").lower()
+
+
+# -- the matrix --------------------------------------------------------------------------------
+
+
+def run_case(case: Case, seq: int, args, flex_fn) -> dict:
+    from attncc.codegen.executors import run as attncc_run
+    from attncc.codegen.reference import attention_reference
+
+    if case.grid is not None:
+        seq = case.grid[0] * case.grid[1] * case.grid[2]
+    dtype = getattr(torch, args.dtype)
+    plan = make_plan(case, seq, args.heads, args.heads, args.dim, args.dtype, args.block)
+    dev = args.device
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(args.batch, args.heads, seq, args.dim, generator=gen).to(dev, dtype) for _ in range(3))
+
+    t0 = time.perf_counter()
+    table = plan.block_table()
+    t_table = time.perf_counter() - t0
+    dense = plan.dense_mask(dev)
+    density = dense.float().mean().item()
+    block_density = (table.visited().double() * torch.bincount(torch.tensor(plan.head_to_program)).double()
+                     ).sum().item() / (args.heads * table.num_q_blocks * table.num_kv_blocks)
+
+    executor = "triton" if dev == "cuda" else "torch"
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out, _ = attncc_run(plan, q, k, v, executor=executor)
+    t_first = time.perf_counter() - t0
+
+    err = None
+    if seq <= args.max_ref_seq:
+        ref, _ = attention_reference(plan, q, k, v)
+        err = (out.float() - ref.float()).abs().max().item()
+        del ref
+
+    fns = {"attncc": lambda: attncc_run(plan, q, k, v, executor=executor),
+           "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+    if case.name == "causal":
+        fns["sdpa_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if args.masked_sdpa:
+        bool_mask = dense.unsqueeze(0)
+        fns["sdpa_masked"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
+    flex_err = None
+    if flex_fn is not None:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        order = plan.order(dev)
+        qf, kf, vf = (x if order is None else x.index_select(2, order) for x in (q, k, v))
+        t0 = time.perf_counter()
+        bm = create_block_mask(flex_mask_mod(plan if dev == "cpu" else _plan_on(plan)), 1, args.heads, seq, seq,
+                               device=dev, BLOCK_SIZE=args.flex_block)
+        t_bm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fo = flex_fn(qf, kf, vf, block_mask=bm, scale=plan.scale)
+        t_flex_compile = time.perf_counter() - t0
+        if order is not None:
+            fo = fo.index_select(2, plan.permute.inverse(dev))
+        # FlexAttention leaves rows with no key at zero as well
+        flex_err = (fo.float() - out.float()).abs().max().item()
+        fns["flex"] = lambda: flex_fn(qf, kf, vf, block_mask=bm, scale=plan.scale)
+    with torch.no_grad():
+        t = interleaved(fns, args.repeats)
+    row = {
+        "case": case.name, "seq": seq, "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
+        "block": args.block, "density": density, "block_density": block_density,
+        "ideal_speedup": 1 / density if density else math.inf,
+        "times_s": t, "attncc_first_call_s": t_first, "block_table_s": t_table,
+        "max_err_vs_reference": err, "flex_max_diff_vs_attncc": flex_err,
+    }
+    row["speedup_vs_dense"] = t["sdpa_dense"] / t["attncc"]
+    row["fraction_of_ideal"] = row["speedup_vs_dense"] / row["ideal_speedup"]
+    if "flex" in t:
+        row["attncc_over_flex"] = t["attncc"] / t["flex"]
+        row["flex_block_mask_s"] = t_bm
+        row["flex_first_call_s"] = t_flex_compile
+    if "sdpa_causal" in t:
+        row["attncc_over_sdpa_causal"] = t["attncc"] / t["sdpa_causal"]
+    if dev == "cuda":
+        flops = 4 * args.batch * args.heads * seq * seq * args.dim * block_density
+        row["attncc_tflops_on_computed_blocks"] = flops / t["attncc"] / 1e12
+    return row
+
+
+def _plan_on(plan):
+    return plan
+
+
+def _fmt(x, spec=".3g"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["case", "S", "attncc ms", "flex ms", "dense ms", "masked ms", "density", "blk dens", "ideal x",
+            "x dense", "of ideal", "/flex", "err"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        t = r["times_s"]
+        extra = f" (SDPA causal {t['sdpa_causal'] * 1e3:.1f} ms, ratio {r['attncc_over_sdpa_causal']:.2f})" \
+            if "sdpa_causal" in t else ""
+        print("| " + " | ".join([
+            r["case"] + extra, str(r["seq"]), f"{t['attncc'] * 1e3:.1f}",
+            _fmt(t.get("flex", None) and t["flex"] * 1e3, ".1f"), f"{t['sdpa_dense'] * 1e3:.1f}",
+            _fmt(t.get("sdpa_masked", None) and t["sdpa_masked"] * 1e3, ".1f"), f"{r['density']:.4f}",
+            f"{r['block_density']:.4f}", f"{r['ideal_speedup']:.1f}", f"{r['speedup_vs_dense']:.1f}",
+            f"{r['fraction_of_ideal']:.0%}", _fmt(r.get("attncc_over_flex"), ".2f"),
+            _fmt(r["max_err_vs_reference"], ".1e")]) + " |")
+
+
+def matrix(args) -> list[dict]:
+    flex_fn = None
+    if not args.no_flex:
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            flex_fn = torch.compile(flex_attention, dynamic=False)
+        except Exception as e:  # an older torch without FlexAttention: the column stays empty
+            log(f"FlexAttention unavailable ({e}); its column is skipped")
+    rows = []
+    sel = [c for c in cases(args.heads) if not args.cases or c.name in args.cases]
+    todo = [(c, s) for s in args.seqs for c in sel if not (c.grid and s != args.seqs[0])]
+    for i, (case, seq) in enumerate(todo, 1):
+        log(f"[{i}/{len(todo)}] {case.name} S={seq} ...")
+        t0 = time.perf_counter()
+        rows.append(run_case(case, seq, args, flex_fn))
+        r = rows[-1]
+        log(f"[{i}/{len(todo)}] {case.name} S={r['seq']}: attncc {r['times_s']['attncc'] * 1e3:.1f} ms, "
+            f"{r['fraction_of_ideal']:.0%} of ideal, /flex {_fmt(r.get('attncc_over_flex'), '.2f')} "
+            f"({time.perf_counter() - t0:.0f}s)")
+    return rows
+
+
+# -- compile overhead --------------------------------------------------------------------------
+
+
+def compile_overhead(args) -> list[dict] | None:
+    try:
+        import attncc.backend  # noqa: F401
+    except ImportError as e:
+        log(f"--compile-overhead skipped: the attncc backend is not importable yet ({e})")
+        return None
+    import torch._dynamo
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = {"attncc": 1, "name": "bench", "block_size": 64, "rules": [{"mask": {"window": 256}}]}
+    rows = []
+    for layers in (2, 8):
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=1000, max_position_embeddings=1024)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
+        ids = torch.randint(0, 1000, (1, 256))
+        for backend in ("inductor", "attncc"):
+            opts = {"spec": spec} if backend == "attncc" else None
+            for phase in ("cold", "warm"):
+                torch._dynamo.reset()
+                if phase == "cold" and backend == "inductor":
+                    torch._inductor.codecache.FxGraphCache.clear() if hasattr(torch._inductor, "codecache") else None
+                compiled = torch.compile(model, backend=backend, options=opts)
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    compiled(ids)
+                dt = time.perf_counter() - t0
+                rows.append({"layers": layers, "backend": backend, "phase": phase, "compile_s": dt})
+                log(f"compile {layers} layers {backend} {phase}: {dt:.1f}s")
+    for layers in (2, 8):
+        for phase in ("cold", "warm"):
+            a = next(r for r in rows if r["layers"] == layers and r["backend"] == "attncc" and r["phase"] == phase)
+            b = next(r for r in rows if r["layers"] == layers and r["backend"] == "inductor" and r["phase"] == phase)
+            print(f"| {layers} layers | {phase} | attncc {a['compile_s']:.1f}s | inductor {b['compile_s']:.1f}s | "
+                  f"ratio {a['compile_s'] / b['compile_s']:.2f} |")
+    return rows
+
+
+# -- scale -------------------------------------------------------------------------------------
+
+
+def scale(args) -> list[dict]:
+    """Block tables at 128k and 1M tokens: time and peak memory (no S x S allowed)."""
+    rows = []
+    statics = [c for c in cases(1) if c.grid is None and len(c.programs) == 1]
+    statics.append(Case("tile3d_64x128x128", (M.Tile3D((64, 128, 128), (1, 3, 7)),), (0,),
+                        TilePermutation((64, 128, 128), (2, 4, 8)), (64, 128, 128)))
+    for seq in args.scale_seqs:
+        for case in statics:
+            if case.grid is not None and seq != args.scale_seqs[-1]:
+                continue
+            n = case.grid[0] * case.grid[1] * case.grid[2] if case.grid else seq
+            plan = make_plan(case, n, 1, 1, 64, "float32", 128)
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            table = plan.block_table()
+            dt = time.perf_counter() - t0
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            row = {"case": case.name, "seq": n, "block": 128, "build_s": dt,
+                   "peak_python_mib": peak / 2**20, "visited_blocks": int(table.visited().sum()),
+                   "block_density": table.block_density().item()}
+            rows.append(row)
+            log(f"scale {case.name} S={n}: {dt:.2f}s, peak {peak / 2**20:.0f} MiB")
+            print(f"| {case.name} | {n} | {dt:.2f}s | {peak / 2**20:.0f} MiB | {row['block_density']:.5f} |")
+    return rows
+
+
+def _peak_note() -> str:
+    return ("peak memory is measured with tracemalloc, which sees torch CPU allocations only when "
+            "torch routes them through Python; RSS growth is reported beside it")
+
+
+# -- main --------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="S=4096 only, 3 repeats (the default matrix)")
+    ap.add_argument("--long", action="store_true", help="also S=8192 and 16384")
+    ap.add_argument("--seqs", type=int, nargs="*", default=None)
+    ap.add_argument("--cases", nargs="*", default=None, help="subset of case names")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--block", type=int, default=64, help="attncc block size (q and kv)")
+    ap.add_argument("--flex-block", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-masked-sdpa", dest="masked_sdpa", action="store_false")
+    ap.add_argument("--max-ref-seq", type=int, default=4096, help="check against the dense reference up to here")
+    ap.add_argument("--json", action="store_true", help="write bench/results/<machine>-<date>.json")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (implies --json)")
+    ap.add_argument("--compile-overhead", action="store_true")
+    ap.add_argument("--scale", action="store_true")
+    ap.add_argument("--scale-seqs", type=int, nargs="*", default=[131072, 1048576])
+    args = ap.parse_args(argv)
+    if args.seqs is None:
+        args.seqs = [4096, 8192, 16384] if args.long else [4096]
+    if args.repeats is None:
+        args.repeats = 3 if args.quick or not args.long else 5
+    result: dict = {"machine": machine_name(), "date": datetime.date.today().isoformat(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
+    if args.compile_overhead:
+        result["compile_overhead"] = compile_overhead(args)
+    elif args.scale:
+        print("| mask | tokens | build | peak (tracemalloc) | block density |\n|---|---|---|---|---|")
+        result["scale"] = scale(args)
+        result["note"] = _peak_note()
+    else:
+        rows = matrix(args)
+        print_table(rows)
+        result["matrix"] = rows
+    if args.json or args.out:
+        path = args.out or RESULTS / f"{result['machine']}-{result['date']}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update(result)
+        path.write_text(json.dumps(old, indent=1, default=str) + "\n")
+        log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    sys.exit(main())
