@@ -1,0 +1,81 @@
+"""Block tables: the kernel's lists of partial and full kv blocks are exactly the block map, in both directions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attncc import masks as M
+from attncc.blocks import EMPTY, FULL, PARTIAL, build_block_table, classify
+from attncc.permute import TilePermutation
+
+
+def table_to_map(counts: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
+    out = torch.zeros(counts.shape[0], n_cols, dtype=torch.bool)
+    for r in range(counts.shape[0]):
+        cols = indices[r, : counts[r]].long()
+        assert torch.all(cols[1:] > cols[:-1]), "indices must be sorted and distinct"
+        out[r, cols] = True
+    return out
+
+
+CASES = [
+    ("causal_63_63_16x32", [M.Causal()], 63, 63, 16, 32, None),
+    ("streaming_200_300", [M.conj(M.Causal(), M.Any_((M.Sink(4), M.Window(49, 0))))], 200, 300, 32, 64, None),
+    ("duo_two_programs", [M.Causal(), M.All((M.Causal(), M.Window(15, 0)))], 257, 257, 64, 16, None),
+    ("random_heads", [M.RandomBlocks(2, 3, 32), M.RandomBlocks(2, 3, 32)], 128, 128, 32, 32, None),
+    ("tile3d_permuted", [M.Tile3D((2, 8, 16), (1, 2, 2))], 256, 256, 16, 32, TilePermutation((2, 8, 16), (2, 2, 4))),
+]
+
+
+@pytest.mark.parametrize("name, masks, q_len, kv_len, bq, bkv, perm", CASES, ids=[c[0] for c in CASES])
+def test_block_table_lists_exactly_the_classified_blocks(name, masks, q_len, kv_len, bq, bkv, perm):
+    order = None if perm is None else perm.index()
+    heads = list(range(len(masks)))
+    table = build_block_table(masks, heads, q_len, kv_len, bq, bkv, order, order)
+    nk = -(-kv_len // bkv)
+    assert table.num_kv_blocks == nk and table.num_q_blocks == -(-q_len // bq)
+    for i, (mask, head) in enumerate(zip(masks, heads)):
+        labels = classify(mask, q_len, kv_len, bq, bkv, head=head, q_order=order, kv_order=order)
+        partial = table_to_map(table.kv_num_blocks[i], table.kv_indices[i], nk)
+        full = table_to_map(table.full_num_blocks[i], table.full_indices[i], nk)
+        assert torch.equal(partial, labels == PARTIAL) and torch.equal(full, labels == FULL)
+        assert int(table.visited()[i]) == int((labels != EMPTY).sum())
+
+    back = table.transposed()
+    assert (back.block_q, back.block_kv) == (bkv, bq) and back.num_kv_blocks == table.num_q_blocks
+    for i in range(len(masks)):
+        partial = table_to_map(table.kv_num_blocks[i], table.kv_indices[i], nk)
+        full = table_to_map(table.full_num_blocks[i], table.full_indices[i], nk)
+        nq = table.num_q_blocks
+        assert torch.equal(table_to_map(back.kv_num_blocks[i], back.kv_indices[i], nq), partial.T)
+        assert torch.equal(table_to_map(back.full_num_blocks[i], back.full_indices[i], nq), full.T)
+
+
+def test_head_dependent_programs_get_their_own_table_rows():
+    mask = M.RandomBlocks(1, 11, 32)
+    table = build_block_table([mask, mask], [0, 5], 256, 256, 32, 32)
+    assert not torch.equal(table.full_indices[0], table.full_indices[1])
+
+
+def test_permutation_index_and_inverse():
+    perm = TilePermutation((2, 4, 6), (1, 2, 3))
+    idx, inv = perm.index(), perm.inverse()
+    assert sorted(idx.tolist()) == list(range(48))
+    assert torch.equal(idx[inv], torch.arange(48)) and torch.equal(inv[idx], torch.arange(48))
+    # the first tile is frame 0, rows 0-1, columns 0-2 of the raster grid
+    assert idx[:6].tolist() == [0, 1, 2, 6, 7, 8]
+    with pytest.raises(M.MaskError, match="holds 48 tokens but the query length is 40"):
+        perm.check(40, "query")
+
+
+def test_large_banded_mask_classifies_in_closed_form_without_dense_memory():
+    """131072 tokens: the block map is built in bounded chunks (a dense mask would be 16 GiB)."""
+    mask = M.All((M.Causal(), M.Any_((M.Sink(128), M.Window(4095, 0)))))
+    labels = classify(mask, 131072, 131072, 64, 64)
+    assert labels.shape == (2048, 2048)
+    row = labels[1000]
+    assert row[:2].eq(FULL).all() and row[1000].item() == PARTIAL and row[1001:].eq(EMPTY).all()
+    assert (
+        row[1000 - 63 : 1000].eq(FULL).all() and row[1000 - 64].item() == PARTIAL and row[2 : 1000 - 64].eq(EMPTY).all()
+    )
