@@ -30,6 +30,11 @@ def run(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward attention per the plan: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``."""
     name = resolve_executor(executor, q.device)
+    if any(p.is_dynamic for p in plan.programs):
+        # block tables built at run time from q/k (data-dependent selectors)
+        from attncc.codegen.selectors import run_dynamic
+
+        return run_dynamic(plan, q, k, v, mask_tensor, name)
     if name == "reference":
         from attncc.codegen.reference import attention_reference
 

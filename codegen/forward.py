@@ -75,12 +75,15 @@ def attention_fwd(
     visits: torch.Tensor | None = None,
     num_warps: int | None = None,
     num_stages: int = 2,
+    block_table: BlockTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the plan's generated kernel: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``.
 
     ``target`` is ``cuda`` (default for CUDA tensors) or ``interpret`` (CPU tensors, Triton
     interpreter). ``out``/``lse`` may be given (tests pre-fill them with NaN); ``visits``, an
     int32 ``[B * H, num_q_blocks]`` tensor, receives the number of kv blocks each program visited.
+    ``block_table`` (one row per mask program, on q's device) replaces ``plan.block_table()``:
+    tables built at run time (data-dependent selection, :mod:`attncc.codegen.selectors`).
     """
     _check_inputs(plan, q, k, v, mask_tensor)
     target = target or ("cuda" if q.device.type == "cuda" else "interpret")
@@ -90,7 +93,12 @@ def attention_fwd(
         raise ValueError(f"executor 'interpret' runs on CPU tensors, got {q.device}")
     kernel = (cache or default_cache()).kernel(plan, target)
     dev = q.device
-    table, head_to_program, order = device_data(plan, dev)
+    if block_table is None:
+        table, head_to_program, order = device_data(plan, dev)
+    else:
+        table = block_table
+        head_to_program = torch.tensor(plan.head_to_program, dtype=torch.int32, device=dev)
+        order = plan.order(dev)
     b, h = q.shape[0], plan.num_heads
     if out is None:
         out = torch.empty(b, h, plan.q_len, plan.head_dim_v, dtype=q.dtype, device=dev)

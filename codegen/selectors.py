@@ -1,0 +1,453 @@
+"""Data-dependent block selection for plans whose mask programs contain a selector.
+
+Pipeline per call (every step has a pure-torch reference here and a Triton kernel in
+:mod:`attncc.codegen.selector_kernels`; both give identical tables from the same logits):
+
+1. **features**: one row per ``pool`` tokens: the mean (``mean_pool``: ``pool = block``;
+   ``draft``: ``pool`` tokens, a downsampled Q/K) or the tokens laid end to end, query groups
+   reversed (``antidiagonal``: ``pool = stride``; ``qf . kf`` is the sum along the antidiagonal
+   of the ``stride x stride`` score tile, scaled by ``1 / stride``);
+2. **block logits**: ``logsumexp`` of ``scale * qf . kf`` over the feature rows of a (query
+   block, kv block) pair, so ``softmax`` over kv blocks estimates each block's attention mass;
+3. **selection** among the candidate blocks (where the selection changes the mask, see
+   :mod:`attncc.selection`): ``topk`` keeps the ``k`` highest logits, ``threshold`` the fewest
+   blocks whose softmax mass reaches ``tau`` (both keep at least ``min_blocks``); equal logits
+   rank the lower block index first;
+4. **block tables**: selected blocks are labelled by the program with the selector full,
+   the others by the program with the selector empty; one table per (batch, head).
+
+Execution: the plan's forward kernel runs twice per batch element over disjoint block sets
+(``when_selected`` predicates on selected blocks, ``when_not`` on the others) and the two
+partial results merge through their log-sum-exp. Executors ``torch`` and ``reference`` run
+the exact dense attention under the mask :func:`dense_selected_mask` builds (no block skipping).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import sys
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from attncc import masks as M
+from attncc.blocks import EMPTY, BlockTable, classify
+from attncc.plan import AttentionPlan
+from attncc.selection import SelectorConfig, SelectorProgram, resolve_selector, split_program
+
+Tensor = torch.Tensor
+
+
+# -- per-plan static data ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class DynamicLayout:
+    """What a dynamic plan needs besides the data: per program its split, its selector config
+    and static label maps (kernel blocks, ``[P, nq, nk]`` int8), and per selector program its
+    candidates (selector blocks, ``[nI, nJ]`` bool)."""
+
+    plan: AttentionPlan
+    splits: tuple[SelectorProgram, ...]
+    configs: tuple[SelectorConfig | None, ...]
+    labels_sel: Tensor
+    labels_not: Tensor
+    candidates: tuple[Tensor | None, ...]
+    plan_sel: AttentionPlan
+    plan_not: AttentionPlan
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.labels_sel.shape[1]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.labels_sel.shape[2]
+
+    def heads_of(self, program: int) -> list[int]:
+        return [h for h, p in enumerate(self.plan.head_to_program) if p == program]
+
+
+def is_dynamic(plan: AttentionPlan) -> bool:
+    return any(p.is_dynamic for p in plan.programs)
+
+
+def _xor(a: M.Mask, b: M.Mask) -> M.Mask:
+    return M.Any_((M.All((a, M.Not(b))), M.All((b, M.Not(a)))))
+
+
+def _per_head_plan(plan: AttentionPlan, programs: list[M.Mask]) -> AttentionPlan:
+    """A static plan with one program per head (its own block-table row per head)."""
+    per_head = tuple(programs[p] for p in plan.head_to_program)
+    return dataclasses.replace(plan, programs=per_head, head_to_program=tuple(range(plan.num_heads)))
+
+
+@functools.lru_cache(maxsize=64)
+def layout(plan: AttentionPlan) -> DynamicLayout:
+    """Static data of a dynamic plan, built once per plan."""
+    if plan.permute is not None:
+        raise ValueError("selectors run in model order; a plan with a permutation cannot carry one")
+    heads = plan.program_heads()
+    splits, configs, lab_sel, lab_not, cands = [], [], [], [], []
+    for prog, head in zip(plan.programs, heads):
+        split = split_program(prog)
+        splits.append(split)
+        args = (plan.q_len, plan.kv_len, plan.block_q, plan.block_kv, head)
+        lab_sel.append(classify(split.when_selected, *args, q_offset=plan.q_offset))
+        lab_not.append(classify(split.when_not, *args, q_offset=plan.q_offset))
+        if split.selector is None:
+            configs.append(None)
+            cands.append(None)
+            continue
+        cfg = resolve_selector(split.selector, plan.block_q, plan.block_kv)
+        configs.append(cfg)
+        diff = _xor(split.when_selected, split.when_not)
+        cand = classify(diff, plan.q_len, plan.kv_len, cfg.block, cfg.block, head, q_offset=plan.q_offset)
+        cands.append(cand != EMPTY)
+    return DynamicLayout(
+        plan,
+        tuple(splits),
+        tuple(configs),
+        torch.stack(lab_sel),
+        torch.stack(lab_not),
+        tuple(cands),
+        _per_head_plan(plan, [s.when_selected for s in splits]),
+        _per_head_plan(plan, [s.when_not for s in splits]),
+    )
+
+
+# -- pure-torch reference -----------------------------------------------------------------------
+def features_reference(x: Tensor, cfg: SelectorConfig, query: bool) -> Tensor:
+    """``[B, Hx, rows, F]`` fp32 feature rows of ``x [B, Hx, S, D]`` (see the module docstring)."""
+    b, hx, s, d = x.shape
+    g = cfg.pool
+    rows = -(-s // g)
+    xf = torch.zeros(b, hx, rows * g, d, dtype=torch.float32, device=x.device)
+    xf[:, :, :s] = x.float()
+    xf = xf.view(b, hx, rows, g, d)
+    if cfg.score == "antidiagonal":
+        if query:
+            xf = xf.flip(3)
+        return xf.reshape(b, hx, rows, g * d)
+    count = torch.clamp(s - torch.arange(rows, device=x.device) * g, max=g).to(torch.float32)
+    return xf.sum(3) / count.view(1, 1, -1, 1)
+
+
+def _feature_scale(cfg: SelectorConfig, scale: float) -> float:
+    return scale / cfg.pool if cfg.score == "antidiagonal" else scale
+
+
+def block_logits_reference(
+    qf: Tensor, kf: Tensor, kv_head: Tensor, cand: Tensor, cfg: SelectorConfig, scale: float
+) -> Tensor:
+    """``[B, H, nI, nJ]`` fp32 block logits (``-inf`` off the candidates)."""
+    b, h, nr, _ = qf.shape
+    nc = kf.shape[2]
+    ni, nj = cand.shape
+    r = cfg.rows_per_block
+    kf_h = kf[:, kv_head.long()]
+    s = torch.matmul(qf, kf_h.transpose(-1, -2)) * _feature_scale(cfg, scale)  # [B, H, nr, nc]
+    full = torch.full((b, h, ni * r, nj * r), float("-inf"), device=qf.device)
+    full[:, :, :nr, :nc] = s
+    blocks = full.view(b, h, ni, r, nj, r).permute(0, 1, 2, 4, 3, 5).reshape(b, h, ni, nj, r * r)
+    logits = torch.logsumexp(blocks, -1)
+    return torch.where(cand.to(qf.device), logits, torch.tensor(float("-inf"), device=qf.device))
+
+
+def select_reference(logits: Tensor, cand: Tensor, cfg: SelectorConfig) -> Tensor:
+    """``[B, H, nI, nJ]`` bool: the selected candidate blocks (sort-based, float64 masses)."""
+    cand = cand.to(logits.device).expand_as(logits)
+    masked = torch.where(cand, logits.double(), torch.tensor(float("-inf"), dtype=torch.float64))
+    # stable descending sort: equal logits keep ascending block order
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    selected = cand & (rank < cfg.keep)
+    if cfg.method == "threshold":
+        row_max = masked.amax(-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        p = torch.where(cand, torch.exp(masked - row_max), torch.zeros_like(masked))
+        p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+        p_sorted = torch.gather(p, -1, order)
+        before_sorted = torch.cumsum(p_sorted, -1) - p_sorted
+        before = torch.empty_like(before_sorted).scatter_(-1, order, before_sorted)
+        selected = selected | (cand & (before < cfg.tau))
+    return selected
+
+
+def tables_reference(selected: Tensor, lay: DynamicLayout) -> tuple[BlockTable, BlockTable]:
+    """(selected-block table, other-block table), each with one row per (b, h): ``M = B * H``."""
+    b, h, nq, nk = selected.shape
+    prog = torch.tensor(lay.plan.head_to_program, device=selected.device)
+    lab_sel = lay.labels_sel.to(selected.device)[prog].unsqueeze(0)
+    lab_not = lay.labels_not.to(selected.device)[prog].unsqueeze(0)
+
+    def compact(flag: Tensor) -> tuple[Tensor, Tensor]:
+        count = flag.sum(-1).to(torch.int32)
+        order = torch.sort((~flag).to(torch.int8), dim=-1, stable=True).indices
+        keep = torch.arange(nk, device=flag.device) < count.unsqueeze(-1)
+        return count.view(b * h, nq), torch.where(keep, order, 0).to(torch.int32).view(b * h, nq, nk)
+
+    out = []
+    for flag_on, labels in ((selected, lab_sel), (~selected, lab_not)):
+        pn, pi = compact(flag_on & (labels == 1))
+        fn, fi = compact(flag_on & (labels == 2))
+        out.append(BlockTable(pn, pi, fn, fi, lay.plan.block_q, lay.plan.block_kv, nk))
+    return out[0], out[1]
+
+
+# -- Triton launchers -----------------------------------------------------------------------------
+_MODULES: dict[str, ModuleType] = {}
+
+
+def kernels(target: str) -> ModuleType:
+    """:mod:`attncc.codegen.selector_kernels` imported for ``target`` (``interpret`` or ``cuda``)."""
+    mod = _MODULES.get(target)
+    if mod is None:
+        from attncc.codegen.cache import _interpret_env
+
+        path = importlib.util.find_spec("attncc.codegen.selector_kernels").origin  # type: ignore[union-attr]
+        name = f"attncc_kernels.{target}.selector_kernels"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        with _interpret_env(target == "interpret"):
+            spec.loader.exec_module(mod)
+        _MODULES[target] = mod
+    return mod
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, 1 << max(0, (n - 1).bit_length()))
+
+
+def features_triton(x: Tensor, cfg: SelectorConfig, query: bool, target: str) -> Tensor:
+    b, hx, s, d = x.shape
+    g = cfg.pool
+    rows = -(-s // g)
+    mean = cfg.score != "antidiagonal"
+    feat = torch.empty(b, hx, rows, d if mean else g * d, dtype=torch.float32, device=x.device)
+    kernels(target).score_features_kernel[(rows, b * hx)](
+        x,
+        feat,
+        *x.stride(),
+        hx,
+        s,
+        rows,
+        GROUP=g,
+        HEAD_DIM=d,
+        GROUP_PAD=_pow2(g),
+        BLOCK_D=_pow2(d, 16),
+        MEAN=mean,
+        REVERSE=query and not mean,
+    )
+    return feat
+
+
+def block_logits_triton(
+    qf: Tensor, kf: Tensor, kv_head: Tensor, cand: Tensor, cfg: SelectorConfig, scale: float, target: str
+) -> Tensor:
+    b, h, nr, f = qf.shape
+    ni, nj = cand.shape
+    logits = torch.empty(b, h, ni, nj, dtype=torch.float32, device=qf.device)
+    kernels(target).block_logits_kernel[(ni, b * h)](
+        qf.contiguous(),
+        kf.contiguous(),
+        kv_head.to(torch.int32),
+        cand.to(torch.int8).contiguous(),
+        logits,
+        h,
+        kf.shape[1],
+        nr,
+        kf.shape[2],
+        ni,
+        nj,
+        _feature_scale(cfg, scale),
+        ROWS=cfg.rows_per_block,
+        ROWS_PAD=_pow2(cfg.rows_per_block, 16),
+        FEAT=f,
+        FEAT_PAD=_pow2(f, 16),
+    )
+    return logits
+
+
+def select_triton(logits: Tensor, cand: Tensor, cfg: SelectorConfig, target: str) -> Tensor:
+    b, h, ni, nj = logits.shape
+    out = torch.empty(b, h, ni, nj, dtype=torch.int8, device=logits.device)
+    kernels(target).select_blocks_kernel[(ni, b * h)](
+        logits.contiguous(),
+        cand.to(torch.int8).contiguous(),
+        out,
+        ni,
+        nj,
+        cfg.tau,
+        KEEP=cfg.keep,
+        TOPK=cfg.method == "topk",
+        NK_PAD=_pow2(nj, 16),
+    )
+    return out.bool()
+
+
+def tables_triton(selected: Tensor, lay: DynamicLayout, target: str) -> tuple[BlockTable, BlockTable]:
+    b, h, nq, nk = selected.shape
+    dev = selected.device
+    counts = [torch.zeros(b * h, nq, dtype=torch.int32, device=dev) for _ in range(4)]
+    idx = [torch.zeros(b * h, nq, nk, dtype=torch.int32, device=dev) for _ in range(4)]
+    h2p = torch.tensor(lay.plan.head_to_program, dtype=torch.int32, device=dev)
+    kernels(target).block_tables_kernel[(nq, b * h)](
+        selected.to(torch.int8).contiguous(),
+        lay.labels_sel.to(dev).contiguous(),
+        lay.labels_not.to(dev).contiguous(),
+        h2p,
+        counts[0],
+        idx[0],
+        counts[1],
+        idx[1],
+        counts[2],
+        idx[2],
+        counts[3],
+        idx[3],
+        h,
+        nq,
+        nk,
+        NK_PAD=_pow2(nk, 16),
+    )
+    bq, bk = lay.plan.block_q, lay.plan.block_kv
+    return (
+        BlockTable(counts[0], idx[0], counts[1], idx[1], bq, bk, nk),
+        BlockTable(counts[2], idx[2], counts[3], idx[3], bq, bk, nk),
+    )
+
+
+# -- selection -----------------------------------------------------------------------------------
+def _to_kernel_blocks(sel: Tensor, cfg: SelectorConfig, plan: AttentionPlan, nq: int, nk: int) -> Tensor:
+    """Selector-block selection ``[.., nI, nJ]`` -> kernel-block selection ``[.., nq, nk]``."""
+    rows = torch.arange(nq, device=sel.device) * plan.block_q // cfg.block
+    cols = torch.arange(nk, device=sel.device) * plan.block_kv // cfg.block
+    return sel.index_select(-2, rows).index_select(-1, cols)
+
+
+def select_blocks(plan: AttentionPlan, q: Tensor, k: Tensor, backend: str = "torch", with_logits: bool = False):
+    """Selected kernel blocks ``[B, H, nq, nk]`` bool for ``q [B, H, Sq, D]``, ``k [B, Hkv, Skv, D]``
+    (False for heads whose program has no selector). ``backend``: ``torch`` (reference),
+    ``interpret`` or ``cuda`` (Triton kernels). With ``with_logits``, also returns a list of
+    per-program ``(heads, logits)``."""
+    lay = layout(plan)
+    b = q.shape[0]
+    nq, nk = lay.num_q_blocks, lay.num_kv_blocks
+    selected = torch.zeros(b, plan.num_heads, nq, nk, dtype=torch.bool, device=q.device)
+    all_logits = []
+    for p, cfg in enumerate(lay.configs):
+        if cfg is None:
+            continue
+        heads = lay.heads_of(p)
+        cand = lay.candidates[p].to(q.device)  # type: ignore[union-attr]
+        qh = q if heads == list(range(plan.num_heads)) else q[:, heads]
+        kv_head = torch.tensor([hh // plan.gqa_group for hh in heads], device=q.device)
+        if backend == "torch":
+            qf, kf = features_reference(qh, cfg, True), features_reference(k, cfg, False)
+            logits = block_logits_reference(qf, kf, kv_head, cand, cfg, plan.scale)
+            sel = select_reference(logits, cand, cfg)
+        else:
+            qf, kf = features_triton(qh, cfg, True, backend), features_triton(k, cfg, False, backend)
+            logits = block_logits_triton(qf, kf, kv_head, cand, cfg, plan.scale, backend)
+            sel = select_triton(logits, cand, cfg, backend)
+        selected[:, heads] = _to_kernel_blocks(sel, cfg, plan, nq, nk)
+        all_logits.append((heads, logits))
+    return (selected, all_logits) if with_logits else selected
+
+
+def dense_selected_mask(plan: AttentionPlan, selected: Tensor) -> Tensor:
+    """``[B, H, Sq, Skv]`` bool: the plan's mask under the selection ``selected [B, H, nq, nk]``
+    (kernel blocks): ``when_selected`` on selected block pairs, ``when_not`` elsewhere."""
+    lay = layout(plan)
+    dev = selected.device
+    m_sel = torch.empty(plan.num_heads, plan.q_len, plan.kv_len, dtype=torch.bool, device=dev)
+    m_not = torch.empty_like(m_sel)
+    for p, split in enumerate(lay.splits):
+        heads = lay.heads_of(p)
+        args = (plan.q_len, plan.kv_len)
+        m_sel[heads] = M.dense(split.when_selected, *args, heads=heads, q_offset=plan.q_offset, device=dev)
+        m_not[heads] = M.dense(split.when_not, *args, heads=heads, q_offset=plan.q_offset, device=dev)
+    rows = torch.arange(plan.q_len, device=dev) // plan.block_q
+    cols = torch.arange(plan.kv_len, device=dev) // plan.block_kv
+    tok = selected.index_select(-2, rows).index_select(-1, cols)
+    return torch.where(tok, m_sel.unsqueeze(0), m_not.unsqueeze(0))
+
+
+# -- execution -----------------------------------------------------------------------------------
+def _merge(o1: Tensor, l1: Tensor, o2: Tensor, l2: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact merge of attention over two disjoint key sets through their log-sum-exp."""
+    lse = torch.logaddexp(l1, l2)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    w1 = torch.exp(l1 - safe).unsqueeze(-1)
+    w2 = torch.exp(l2 - safe).unsqueeze(-1)
+    out = o1.float() * w1 + o2.float() * w2
+    return out.to(o1.dtype), lse
+
+
+def _batch_table(table: BlockTable, b: int, h: int) -> BlockTable:
+    rows = slice(b * h, (b + 1) * h)
+    return BlockTable(
+        table.kv_num_blocks[rows],
+        table.kv_indices[rows],
+        table.full_num_blocks[rows],
+        table.full_indices[rows],
+        table.block_q,
+        table.block_kv,
+        table.num_kv_blocks,
+    )
+
+
+def attend(
+    plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask_tensor: Tensor | None, selected: Tensor, executor: str
+) -> tuple[Tensor, Tensor]:
+    """Attention of a dynamic plan under a given selection ``[B, H, nq, nk]``."""
+    if executor in ("torch", "reference"):
+        from attncc.codegen.reference import attention_reference
+
+        allowed = dense_selected_mask(plan, selected)
+        if mask_tensor is not None:
+            if mask_tensor.dtype == torch.bool:
+                allowed = allowed & mask_tensor
+            else:
+                allowed = allowed & (mask_tensor > float("-inf"))
+                return _reference_additive(plan, q, k, v, allowed, mask_tensor)
+        full = dataclasses.replace(plan, programs=(M.Full(),), head_to_program=(0,) * plan.num_heads, mask_kind="bool")
+        return attention_reference(full, q, k, v, allowed)
+    from attncc.codegen.forward import attention_fwd
+
+    target = "interpret" if executor == "interpret" else "cuda"
+    lay = layout(plan)
+    table_sel, table_not = tables_triton(selected, lay, target)
+    h = plan.num_heads
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        mt = None if mask_tensor is None else mask_tensor[b : b + 1] if mask_tensor.shape[0] > 1 else mask_tensor
+        qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
+        o1, l1 = attention_fwd(lay.plan_sel, qb, kb, vb, mt, target=target, block_table=_batch_table(table_sel, b, h))
+        o2, l2 = attention_fwd(lay.plan_not, qb, kb, vb, mt, target=target, block_table=_batch_table(table_not, b, h))
+        o, lse = _merge(o1, l1, o2, l2)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _reference_additive(plan, q, k, v, allowed, mask_tensor):
+    from attncc.codegen.reference import attention_reference
+
+    full = dataclasses.replace(plan, programs=(M.Full(),), head_to_program=(0,) * plan.num_heads, mask_kind="additive")
+    bias = torch.where(allowed, mask_tensor.to(torch.float32), torch.tensor(float("-inf")))
+    return attention_reference(full, q, k, v, bias.to(q.dtype) if q.dtype != torch.float32 else bias)
+
+
+def run_dynamic(
+    plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask_tensor: Tensor | None = None, executor: str = "torch"
+) -> tuple[Tensor, Tensor]:
+    """Estimate, select and attend: the forward of a plan with selectors (``executor`` resolved:
+    ``triton``, ``interpret``, ``torch`` or ``reference``)."""
+    backend = {"triton": "cuda", "interpret": "interpret"}.get(executor, "torch")
+    selected = select_blocks(plan, q, k, backend)
+    return attend(plan, q, k, v, mask_tensor, selected, executor)
