@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attncc.masks import Blocks, Mask
+from attncc.masks import Blocks, Mask, broadcast_shape
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -56,7 +56,8 @@ def classify_rows(
     for r0 in range(0, nq, step):
         rows = _rows(qb, slice(r0, r0 + step))
         may, must = mask.bounds(rows.view(rows=True), kcol, head)
-        may, must = torch.broadcast_tensors(may, must)
+        shape = broadcast_shape(may.shape, must.shape)
+        may, must = may.expand(shape), must.expand(shape)
         shape = (rows.lo.shape[0], nk)
         labels = torch.where(must, FULL, torch.where(may, PARTIAL, EMPTY)).to(torch.int8).expand(shape).clone()
         _refine(mask, labels, rows, kb, head, q_len, kv_len)

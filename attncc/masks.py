@@ -121,10 +121,24 @@ def format_spec(obj: Any) -> str:
     return str(obj)
 
 
+def broadcast_shape(*shapes: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
+    """NumPy broadcasting of shapes (``torch.broadcast_shapes`` imports sympy on first use,
+    which costs seconds)."""
+    ndim = max(len(s) for s in shapes)
+    out = [1] * ndim
+    for shape in shapes:
+        for i, n in enumerate(shape, ndim - len(shape)):
+            if n != 1:
+                if out[i] not in (1, n):
+                    raise ValueError(f"shapes {[tuple(s) for s in shapes]} do not broadcast")
+                out[i] = n
+    return tuple(out)
+
+
 def _on_grid(h: Tensor, q: Tensor, kv: Tensor, value: Tensor | bool) -> Tensor:
     """``value`` (a predicate of some of h, q, kv, or a constant) broadcast to the full
     (h, q, kv) shape, so every ``dense`` returns the same shape whatever it reads."""
-    shape = torch.broadcast_shapes(h.shape, q.shape, kv.shape)
+    shape = broadcast_shape(h.shape, q.shape, kv.shape)
     if isinstance(value, bool):
         return torch.full(shape, value, dtype=torch.bool, device=q.device)
     return value.expand(shape)
@@ -133,7 +147,7 @@ def _on_grid(h: Tensor, q: Tensor, kv: Tensor, value: Tensor | bool) -> Tensor:
 def _on_pairs(qb: Blocks, kb: Blocks, value: Tensor | bool) -> Tensor:
     """``value`` (a predicate of query blocks or kv blocks alone, or a constant) broadcast to
     the (query block, kv block) pair shape that ``bounds`` returns."""
-    shape = torch.broadcast_shapes(qb.lo.shape, kb.lo.shape)
+    shape = broadcast_shape(qb.lo.shape, kb.lo.shape)
     if isinstance(value, bool):
         return torch.full(shape, value, dtype=torch.bool, device=qb.lo.device)
     return value.expand(shape)
@@ -451,7 +465,7 @@ class RandomBlocks(Mask):
         aligned_q = (qb.lo // b) == (qb.hi // b)
         aligned_k = (kb.lo // b) == (kb.hi // b)
         nkb = -(-kb.length // b)
-        hit = torch.zeros(torch.broadcast_shapes(qb.lo.shape, kb.lo.shape), dtype=torch.bool)
+        hit = torch.zeros(broadcast_shape(qb.lo.shape, kb.lo.shape), dtype=torch.bool)
         for j in range(self.n):
             hit |= (kb.lo // b) == random_block_hash(self.seed, h, qb.lo // b, j) % nkb
         exact = aligned_q & aligned_k

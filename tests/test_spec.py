@@ -157,10 +157,13 @@ def test_unmatched_site_is_dense():
 @pytest.mark.parametrize(
     "rule, what",
     [
-        ({"mask": {"topk": {"k": 4}}}, "the data-dependent selector 'topk'"),
         (
-            {"mask": "causal", "heads": {"1": {"all": ["causal", {"threshold": {"tau": 0.9}}]}}},
-            "the data-dependent selector 'threshold'",
+            {"mask": {"any": [{"topk": {"k": 4}}, {"topk": {"k": 2, "score": "draft"}}]}},
+            "the data-dependent selector 'topk' (mask {any: [{topk: {k: 4}}, {topk: {k: 2, score: draft}}]} combines 2",
+        ),
+        (
+            {"mask": "causal", "heads": {"1": {"all": ["causal", {"threshold": {"tau": 0.9, "block": 48}}]}}},
+            "the data-dependent selector 'threshold' ({threshold: {block: 48, tau: 0.9}}: block 48 must be a multiple",
         ),
         ({"mask": "causal", "permute": {"by": "key_importance", "segment": 64}}, "the run-time permutation"),
         ({"mask": "causal", "reuse": {"from": 0, "refresh_every": 4}}, "'reuse' of a block selection"),
