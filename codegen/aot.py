@@ -57,29 +57,52 @@ def job_for(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike, cache: K
     )
 
 
-def compile_jobs(jobs: list[Job], timeout: float = TIMEOUT_S) -> list[dict]:
-    """Compile every job in one subprocess; one result dict per job, in order. A job that fails
-    to compile gets ``{"error": message}`` instead of raising, so a dump lists every kernel."""
+def compile_jobs(jobs: list[Job], timeout: float = TIMEOUT_S, workers: int = 1) -> list[dict]:
+    """Compile every job in ``workers`` subprocesses; one result dict per job, in order. A job
+    that fails to compile gets ``{"error": message}`` instead of raising, so a dump lists every
+    kernel."""
     if not jobs:
         return []
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    payload = json.dumps([j.__dict__ for j in jobs])
-    proc = subprocess.run(
-        [sys.executable, "-m", "attncc.codegen.aot"],
-        input=payload,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compile subprocess failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    workers = max(1, min(workers, len(jobs)))
+    # round-robin so each worker gets a similar mix
+    shares = [list(range(w, len(jobs), workers)) for w in range(workers)]
+    procs = []
+    for share in shares:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "attncc.codegen.aot"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        procs.append(proc)
+        proc.stdin.write(json.dumps([jobs[i].__dict__ for i in share]))
+        proc.stdin.close()
+    results: list[dict] = [{} for _ in jobs]
+    for share, proc in zip(shares, procs):
+        try:
+            stdout = proc.stdout.read()
+            stderr = proc.stderr.read()
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        if proc.returncode != 0:
+            raise RuntimeError(f"ahead-of-time compile subprocess failed (exit {proc.returncode}):\n{stderr[-4000:]}")
+        for i, r in zip(share, json.loads(stdout.strip().splitlines()[-1])):
+            results[i] = r
+    return results
 
 
 def compile_plans(
-    plans: list[AttentionPlan], out_dir: str | os.PathLike, archs=DEFAULT_ARCHS, cache: KernelCache | None = None
+    plans: list[AttentionPlan],
+    out_dir: str | os.PathLike,
+    archs=DEFAULT_ARCHS,
+    cache: KernelCache | None = None,
+    workers: int = 1,
 ) -> list[list[dict]]:
     """Per plan, one result per arch: files written under ``out_dir/<kernel file stem>/sm_<arch>/``."""
     cache = cache or default_cache()
@@ -87,7 +110,7 @@ def compile_plans(
     for plan in plans:
         stem = cache.source(plan).stem
         jobs += [job_for(plan, a, pathlib.Path(out_dir) / stem / f"sm_{a}", cache) for a in archs]
-    results = compile_jobs(jobs)
+    results = compile_jobs(jobs, workers=workers)
     return [results[i * len(archs) : (i + 1) * len(archs)] for i in range(len(plans))]
 
 

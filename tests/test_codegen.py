@@ -377,38 +377,34 @@ def test_dump_cli(tmp_path, capsys):
     assert "no rule" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_generated_kernel_compiles_for_sm90(tmp_path):
-    """AOT: each distinct kernel the tests above generated compiles for sm_90 (one subprocess)."""
+    """AOT: the kernels the tests above generated compile for sm_90 (two worker subprocesses).
+
+    Every distinct kernel source (mask programs x dtype) and every distinct set of feature flags
+    and block shapes is compiled at least once: together they cover every code path the suite ran.
+    """
     from attncc.codegen.aot import compile_plans
+    from attncc.codegen.generate import kernel_constexprs, kernel_signature
 
     typical = make_plan(M.Causal(), heads=4, q_len=1024, head_dim=64, dtype="bfloat16", block_q=64, block_kv=64)
-    plans = {typical.key(): typical, **GENERATED}
-    # kernels differ by mask programs and constexprs; shapes only change run-time arguments
-    distinct = {}
-    for p in plans.values():
-        distinct.setdefault(
-            (
-                p.programs,
-                p.head_to_program != (0,) * p.num_heads,
-                p.dtype,
-                p.head_dim,
-                p.head_dim_v,
-                p.block_q,
-                p.block_kv,
-                p.permute is not None,
-                p.mask_kind,
-                p.q_len % p.block_q == 0,
-                p.kv_len % p.block_kv == 0,
-                p.gqa_group,
-            ),
-            p,
-        )
-    results = compile_plans(list(distinct.values()), tmp_path, archs=(90,))
-    failures = [(kernel_name(p), r[0]["error"]) for p, r in zip(distinct.values(), results) if "error" in r[0]]
+    chosen, sources, specialisations = [typical], set(), set()
+    for p in [typical, *GENERATED.values()]:
+        source = (p.programs, p.dtype)
+        # head counts and exact head dims only change integer constants, not the code paths
+        flags = {k: v for k, v in kernel_constexprs(p).items() if k not in ("H", "GROUP", "HEAD_DIM", "HEAD_DIM_V")}
+        special = (tuple(sorted(flags.items())), tuple(kernel_signature(p).items()))
+        if source not in sources or special not in specialisations:
+            if p is not typical:
+                chosen.append(p)
+            sources.add(source)
+            specialisations.add(special)
+    results = compile_plans(chosen, tmp_path, archs=(90,), workers=2)
+    failures = [(kernel_name(p), r[0]["error"]) for p, r in zip(chosen, results) if "error" in r[0]]
     assert not failures, failures
-    sm90 = results[list(distinct).index(next(k for k, p in distinct.items() if p is typical))][0]
+    sm90 = results[0][0]
     assert sm90["shared_bytes"] > 0 and sm90.get("num_regs", 1) > 0
-    assert (tmp_path / pathlib.Path(sm90["files"]["ptx"]).relative_to(tmp_path)).exists()
+    assert (tmp_path / sm90["files"]["ptx"]).read_text().startswith("//")
 
 
 @pytest.mark.cuda
