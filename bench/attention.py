@@ -74,30 +74,79 @@ def cases(heads: int) -> list[Case]:
         Case("sink64_window512", (_sink_window(64, 512),), (0,) * heads),
         Case("per_head", (_causal(), _sink_window(64, 512)), (0,) * half + (1,) * (heads - half)),
         Case("block_causal256", (M.BlockCausal(256),), (0,) * heads),
-        Case("tile3d_8x16x32", (M.Tile3D((8, 16, 32), (1, 3, 7)),), (0,) * heads,
-             TilePermutation((8, 16, 32), (2, 4, 8)), (8, 16, 32)),
+        Case(
+            "tile3d_8x16x32",
+            (M.Tile3D((8, 16, 32), (1, 3, 7)),),
+            (0,) * heads,
+            TilePermutation((8, 16, 32), (2, 4, 8)),
+            (8, 16, 32),
+        ),
     ]
 
 
 def make_plan(case: Case, seq: int, heads: int, kv_heads: int, dim: int, dtype: str, block: int) -> AttentionPlan:
-    return AttentionPlan(programs=case.programs, head_to_program=case.head_to_program, num_heads=heads,
-                         num_kv_heads=kv_heads, q_len=seq, kv_len=seq, head_dim=dim, head_dim_v=dim, dtype=dtype,
-                         scale=dim ** -0.5, block_q=block, block_kv=block, permute=case.permute, rule=case.name)
+    return AttentionPlan(
+        programs=case.programs,
+        head_to_program=case.head_to_program,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        q_len=seq,
+        kv_len=seq,
+        head_dim=dim,
+        head_dim_v=dim,
+        dtype=dtype,
+        scale=dim**-0.5,
+        block_q=block,
+        block_kv=block,
+        permute=case.permute,
+        rule=case.name,
+    )
 
 
-def flex_mask_mod(plan: AttentionPlan):
-    """FlexAttention mask_mod over *kernel-order* indices: the same predicates as the plan."""
+def _flex_predicate(name: str, heads: int):
+    """The case's predicate written as a FlexAttention mask_mod over model positions."""
+
+    def causal(q, k):
+        return q >= k
+
+    def window(n):
+        return lambda q, k: (q >= k) & (q - k < n)
+
+    def sink_window(sink, n):
+        return lambda q, k: (q >= k) & ((k < sink) | (q - k < n))
+
+    def tile3d(grid, w):
+        _, gh, gw = grid
+
+        def pred(q, k):
+            qt, qh, qw = q // (gh * gw), (q // gw) % gh, q % gw
+            kt, kh, kw = k // (gh * gw), (k // gw) % gh, k % gw
+            return ((qt - kt).abs() <= w[0]) & ((qh - kh).abs() <= w[1]) & ((qw - kw).abs() <= w[2])
+
+        return pred
+
+    half = heads // 2
+    sw = sink_window(64, 512)
+    preds = {
+        "causal": lambda h, q, k: causal(q, k),
+        "window256": lambda h, q, k: window(256)(q, k),
+        "sink64_window512": lambda h, q, k: sw(q, k),
+        "per_head": lambda h, q, k: torch.where(h < half, causal(q, k), sw(q, k)),
+        "block_causal256": lambda h, q, k: k // 256 <= q // 256,
+        "tile3d_8x16x32": lambda h, q, k: tile3d((8, 16, 32), (1, 3, 7))(q, k),
+    }
+    return preds[name]
+
+
+def flex_mask_mod(case: Case, plan: AttentionPlan):
+    """FlexAttention mask_mod over *kernel-order* indices (inputs are pre-permuted for Flex)."""
     order = plan.order()
-    progs = plan.programs
-    h2p = torch.tensor(plan.head_to_program)
+    pred = _flex_predicate(case.name, plan.num_heads)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        qp = order[q_idx] if order is not None else q_idx
-        kp = order[kv_idx] if order is not None else kv_idx
-        out = progs[0].dense(h, qp, kp, plan.q_len, plan.kv_len)
-        for i, p in enumerate(progs[1:], 1):
-            out = torch.where(h2p[h] == i, p.dense(h, qp, kp, plan.q_len, plan.kv_len), out)
-        return out
+        if order is not None:
+            return pred(h, order[q_idx], order[kv_idx])
+        return pred(h, q_idx, kv_idx)
 
     return mask_mod
 
@@ -155,8 +204,9 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     t_table = time.perf_counter() - t0
     dense = plan.dense_mask(dev)
     density = dense.float().mean().item()
-    block_density = (table.visited().double() * torch.bincount(torch.tensor(plan.head_to_program)).double()
-                     ).sum().item() / (args.heads * table.num_q_blocks * table.num_kv_blocks)
+    block_density = (
+        table.visited().double() * torch.bincount(torch.tensor(plan.head_to_program)).double()
+    ).sum().item() / (args.heads * table.num_q_blocks * table.num_kv_blocks)
 
     executor = "triton" if dev == "cuda" else "torch"
     t0 = time.perf_counter()
@@ -170,8 +220,10 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         err = (out.float() - ref.float()).abs().max().item()
         del ref
 
-    fns = {"attncc": lambda: attncc_run(plan, q, k, v, executor=executor),
-           "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v)}
+    fns = {
+        "attncc": lambda: attncc_run(plan, q, k, v, executor=executor),
+        "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
     if case.name == "causal":
         fns["sdpa_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if args.masked_sdpa:
@@ -184,8 +236,9 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         order = plan.order(dev)
         qf, kf, vf = (x if order is None else x.index_select(2, order) for x in (q, k, v))
         t0 = time.perf_counter()
-        bm = create_block_mask(flex_mask_mod(plan if dev == "cpu" else _plan_on(plan)), 1, args.heads, seq, seq,
-                               device=dev, BLOCK_SIZE=args.flex_block)
+        bm = create_block_mask(
+            flex_mask_mod(case, plan), 1, args.heads, seq, seq, device=dev, BLOCK_SIZE=args.flex_block
+        )
         t_bm = time.perf_counter() - t0
         t0 = time.perf_counter()
         fo = flex_fn(qf, kf, vf, block_mask=bm, scale=plan.scale)
@@ -198,11 +251,20 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     with torch.no_grad():
         t = interleaved(fns, args.repeats)
     row = {
-        "case": case.name, "seq": seq, "heads": args.heads, "dim": args.dim, "dtype": args.dtype,
-        "block": args.block, "density": density, "block_density": block_density,
+        "case": case.name,
+        "seq": seq,
+        "heads": args.heads,
+        "dim": args.dim,
+        "dtype": args.dtype,
+        "block": args.block,
+        "density": density,
+        "block_density": block_density,
         "ideal_speedup": 1 / density if density else math.inf,
-        "times_s": t, "attncc_first_call_s": t_first, "block_table_s": t_table,
-        "max_err_vs_reference": err, "flex_max_diff_vs_attncc": flex_err,
+        "times_s": t,
+        "attncc_first_call_s": t_first,
+        "block_table_s": t_table,
+        "max_err_vs_reference": err,
+        "flex_max_diff_vs_attncc": flex_err,
     }
     row["speedup_vs_dense"] = t["sdpa_dense"] / t["attncc"]
     row["fraction_of_ideal"] = row["speedup_vs_dense"] / row["ideal_speedup"]
@@ -218,30 +280,56 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     return row
 
 
-def _plan_on(plan):
-    return plan
-
-
 def _fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["case", "S", "attncc ms", "flex ms", "dense ms", "masked ms", "density", "blk dens", "ideal x",
-            "x dense", "of ideal", "/flex", "err"]
+    cols = [
+        "case",
+        "S",
+        "attncc ms",
+        "flex ms",
+        "dense ms",
+        "masked ms",
+        "density",
+        "blk dens",
+        "ideal x",
+        "x dense",
+        "of ideal",
+        "/flex",
+        "err",
+    ]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         t = r["times_s"]
-        extra = f" (SDPA causal {t['sdpa_causal'] * 1e3:.1f} ms, ratio {r['attncc_over_sdpa_causal']:.2f})" \
-            if "sdpa_causal" in t else ""
-        print("| " + " | ".join([
-            r["case"] + extra, str(r["seq"]), f"{t['attncc'] * 1e3:.1f}",
-            _fmt(t.get("flex", None) and t["flex"] * 1e3, ".1f"), f"{t['sdpa_dense'] * 1e3:.1f}",
-            _fmt(t.get("sdpa_masked", None) and t["sdpa_masked"] * 1e3, ".1f"), f"{r['density']:.4f}",
-            f"{r['block_density']:.4f}", f"{r['ideal_speedup']:.1f}", f"{r['speedup_vs_dense']:.1f}",
-            f"{r['fraction_of_ideal']:.0%}", _fmt(r.get("attncc_over_flex"), ".2f"),
-            _fmt(r["max_err_vs_reference"], ".1e")]) + " |")
+        extra = (
+            f" (SDPA causal {t['sdpa_causal'] * 1e3:.1f} ms, ratio {r['attncc_over_sdpa_causal']:.2f})"
+            if "sdpa_causal" in t
+            else ""
+        )
+        print(
+            "| "
+            + " | ".join(
+                [
+                    r["case"] + extra,
+                    str(r["seq"]),
+                    f"{t['attncc'] * 1e3:.1f}",
+                    _fmt(t.get("flex", None) and t["flex"] * 1e3, ".1f"),
+                    f"{t['sdpa_dense'] * 1e3:.1f}",
+                    _fmt(t.get("sdpa_masked", None) and t["sdpa_masked"] * 1e3, ".1f"),
+                    f"{r['density']:.4f}",
+                    f"{r['block_density']:.4f}",
+                    f"{r['ideal_speedup']:.1f}",
+                    f"{r['speedup_vs_dense']:.1f}",
+                    f"{r['fraction_of_ideal']:.0%}",
+                    _fmt(r.get("attncc_over_flex"), ".2f"),
+                    _fmt(r["max_err_vs_reference"], ".1e"),
+                ]
+            )
+            + " |"
+        )
 
 
 def matrix(args) -> list[dict]:
@@ -261,9 +349,11 @@ def matrix(args) -> list[dict]:
         t0 = time.perf_counter()
         rows.append(run_case(case, seq, args, flex_fn))
         r = rows[-1]
-        log(f"[{i}/{len(todo)}] {case.name} S={r['seq']}: attncc {r['times_s']['attncc'] * 1e3:.1f} ms, "
+        log(
+            f"[{i}/{len(todo)}] {case.name} S={r['seq']}: attncc {r['times_s']['attncc'] * 1e3:.1f} ms, "
             f"{r['fraction_of_ideal']:.0%} of ideal, /flex {_fmt(r.get('attncc_over_flex'), '.2f')} "
-            f"({time.perf_counter() - t0:.0f}s)")
+            f"({time.perf_counter() - t0:.0f}s)"
+        )
     return rows
 
 
@@ -282,8 +372,15 @@ def compile_overhead(args) -> list[dict] | None:
     spec = {"attncc": 1, "name": "bench", "block_size": 64, "rules": [{"mask": {"window": 256}}]}
     rows = []
     for layers in (2, 8):
-        cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=layers, num_attention_heads=4,
-                          num_key_value_heads=4, vocab_size=1000, max_position_embeddings=1024)
+        cfg = LlamaConfig(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=1000,
+            max_position_embeddings=1024,
+        )
         torch.manual_seed(0)
         model = LlamaForCausalLM(cfg).eval()
         ids = torch.randint(0, 1000, (1, 256))
@@ -304,8 +401,10 @@ def compile_overhead(args) -> list[dict] | None:
         for phase in ("cold", "warm"):
             a = next(r for r in rows if r["layers"] == layers and r["backend"] == "attncc" and r["phase"] == phase)
             b = next(r for r in rows if r["layers"] == layers and r["backend"] == "inductor" and r["phase"] == phase)
-            print(f"| {layers} layers | {phase} | attncc {a['compile_s']:.1f}s | inductor {b['compile_s']:.1f}s | "
-                  f"ratio {a['compile_s'] / b['compile_s']:.2f} |")
+            print(
+                f"| {layers} layers | {phase} | attncc {a['compile_s']:.1f}s | inductor {b['compile_s']:.1f}s | "
+                f"ratio {a['compile_s'] / b['compile_s']:.2f} |"
+            )
     return rows
 
 
@@ -316,8 +415,15 @@ def scale(args) -> list[dict]:
     """Block tables at 128k and 1M tokens: time and peak memory (no S x S allowed)."""
     rows = []
     statics = [c for c in cases(1) if c.grid is None and len(c.programs) == 1]
-    statics.append(Case("tile3d_64x128x128", (M.Tile3D((64, 128, 128), (1, 3, 7)),), (0,),
-                        TilePermutation((64, 128, 128), (2, 4, 8)), (64, 128, 128)))
+    statics.append(
+        Case(
+            "tile3d_64x128x128",
+            (M.Tile3D((64, 128, 128), (1, 3, 7)),),
+            (0,),
+            TilePermutation((64, 128, 128), (2, 4, 8)),
+            (64, 128, 128),
+        )
+    )
     for seq in args.scale_seqs:
         for case in statics:
             if case.grid is not None and seq != args.scale_seqs[-1]:
@@ -330,9 +436,15 @@ def scale(args) -> list[dict]:
             dt = time.perf_counter() - t0
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
-            row = {"case": case.name, "seq": n, "block": 128, "build_s": dt,
-                   "peak_python_mib": peak / 2**20, "visited_blocks": int(table.visited().sum()),
-                   "block_density": table.block_density().item()}
+            row = {
+                "case": case.name,
+                "seq": n,
+                "block": 128,
+                "build_s": dt,
+                "peak_python_mib": peak / 2**20,
+                "visited_blocks": int(table.visited().sum()),
+                "block_density": table.block_density().item(),
+            }
             rows.append(row)
             log(f"scale {case.name} S={n}: {dt:.2f}s, peak {peak / 2**20:.0f} MiB")
             print(f"| {case.name} | {n} | {dt:.2f}s | {peak / 2**20:.0f} MiB | {row['block_density']:.5f} |")
@@ -340,8 +452,10 @@ def scale(args) -> list[dict]:
 
 
 def _peak_note() -> str:
-    return ("peak memory is measured with tracemalloc, which sees torch CPU allocations only when "
-            "torch routes them through Python; RSS growth is reported beside it")
+    return (
+        "peak memory is measured with tracemalloc, which sees torch CPU allocations only when "
+        "torch routes them through Python; RSS growth is reported beside it"
+    )
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -374,8 +488,13 @@ def main(argv=None) -> int:
         args.seqs = [4096, 8192, 16384] if args.long else [4096]
     if args.repeats is None:
         args.repeats = 3 if args.quick or not args.long else 5
-    result: dict = {"machine": machine_name(), "date": datetime.date.today().isoformat(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(), "argv": sys.argv[1:]}
+    result: dict = {
+        "machine": machine_name(),
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "argv": sys.argv[1:],
+    }
     if args.compile_overhead:
         result["compile_overhead"] = compile_overhead(args)
     elif args.scale:

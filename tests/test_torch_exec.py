@@ -1,0 +1,208 @@
+"""The fast CPU executor against the dense reference: forward, lse and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attncc.codegen import torch_exec
+from attncc.codegen.executors import run
+from attncc.codegen.reference import attention_reference
+
+from attncc import masks as M
+from attncc.permute import TilePermutation
+from attncc.plan import AttentionPlan
+
+# fp32: both sides accumulate in fp32 in different orders; fp16/bf16: output rounding only;
+# fp64: the log-sum-exp (and so the merge weights) is carried in fp32 by contract
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-6}
+
+
+def plan_of(
+    programs,
+    h2p,
+    heads=4,
+    kv_heads=None,
+    seq=200,
+    kv_seq=None,
+    dim=16,
+    dim_v=None,
+    block=64,
+    block_kv=None,
+    permute=None,
+    q_offset=0,
+    mask_kind=None,
+    dtype="float32",
+):
+    return AttentionPlan(
+        programs=tuple(programs),
+        head_to_program=tuple(h2p),
+        num_heads=heads,
+        num_kv_heads=kv_heads or heads,
+        q_len=seq,
+        kv_len=kv_seq or seq,
+        head_dim=dim,
+        head_dim_v=dim_v or dim,
+        dtype=dtype,
+        scale=dim**-0.5,
+        block_q=block,
+        block_kv=block_kv or block,
+        permute=permute,
+        q_offset=q_offset,
+        mask_kind=mask_kind,
+    )
+
+
+def causal_window(n):
+    return M.All((M.Causal(), M.Window(n - 1, 0)))
+
+
+def sink_window(sink, n):
+    return M.All((M.Causal(), M.Any_((M.Sink(sink), M.Window(n - 1, 0)))))
+
+
+CASES = {
+    "causal": plan_of([M.Causal()], [0] * 4),
+    "causal_q_offset_short_q": plan_of([M.Causal()], [0] * 4, seq=100, kv_seq=300, q_offset=200),
+    "causal_kv_longer_no_offset": plan_of([M.Causal()], [0] * 4, seq=63, kv_seq=130),
+    "window40_block32": plan_of([causal_window(40)], [0] * 4, seq=300, block=32),
+    "sink16_window64_seq333": plan_of([sink_window(16, 64)], [0] * 4, seq=333),
+    "per_head_programs": plan_of([M.Causal(), sink_window(16, 64)], [0, 1, 0, 1], seq=257),
+    "gqa3_mixed_programs": plan_of([M.Causal(), M.Window(30, 5)], [0, 0, 1, 1, 0, 1], heads=6, kv_heads=2, seq=190),
+    "gqa_causal": plan_of([M.Causal()], [0] * 6, heads=6, kv_heads=2, seq=190),
+    "block_causal_bq32_bk64": plan_of([M.BlockCausal(64)], [0] * 4, seq=300, block=32, block_kv=64),
+    "tile3d_permuted": plan_of(
+        [M.Tile3D((4, 8, 8), (1, 2, 2))], [0] * 4, seq=256, block=32, permute=TilePermutation((4, 8, 8), (2, 4, 4))
+    ),
+    "random_blocks": plan_of([M.RandomBlocks(2, 3, 32)], [0] * 4, seq=200, block=32),
+    "full_dv24": plan_of([M.Full()], [0] * 4, seq=130, dim_v=24),
+    "chunk50": plan_of([M.Chunk(50)], [0] * 4, seq=210, block=32),
+    "strided_causal": plan_of([M.All((M.Causal(), M.Strided(7)))], [0] * 4, seq=150, block=32),
+    "no_key_anywhere": plan_of([M.Not(M.Full())], [0] * 4, seq=100),
+    "dim80_window": plan_of([M.Window(20, 20)], [0] * 2, heads=2, seq=500, dim=80),
+}
+
+
+def inputs(plan, batch=2, dtype=torch.float32, grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [
+        (batch, plan.num_heads, plan.q_len, plan.head_dim),
+        (batch, plan.num_kv_heads, plan.kv_len, plan.head_dim),
+        (batch, plan.num_kv_heads, plan.kv_len, plan.head_dim_v),
+    ]
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_(grad) for s in shapes]
+
+
+def assert_close_lse(lse, ref):
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref))
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(lse[fin], ref[fin], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_grad_match_reference(name):
+    plan = CASES[name]
+    q, k, v = inputs(plan, grad=True)
+    out, lse = torch_exec.attention_torch(plan, q, k, v)
+    ref, ref_lse = attention_reference(plan, q, k, v)
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-5)
+    assert_close_lse(lse, ref_lse)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad((out * dout).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * dout).sum(), (q, k, v))
+    for got, want, what in zip(grads, ref_grads, "qkv"):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=lambda m, w=what: f"d{w}: {m}")
+
+
+def test_rows_without_keys_are_zero_with_neg_inf_lse():
+    plan = CASES["no_key_anywhere"]
+    q, k, v = inputs(plan)
+    out, lse = torch_exec.attention_torch(plan, q, k, v)
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.isneginf(lse).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_low_and_high_precision(dtype):
+    plan = CASES["sink16_window64_seq333"]
+    q, k, v = inputs(plan, dtype=dtype)
+    out, lse = torch_exec.attention_torch(plan, q, k, v)
+    ref, ref_lse = attention_reference(plan, q, k, v)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_runtime_mask_tensor(kind):
+    plan = plan_of([M.Window(20, 20)], [0] * 4, seq=150, mask_kind=kind)
+    g = torch.Generator().manual_seed(1)
+    if kind == "bool":
+        mask = torch.rand(2, 1, 150, 150, generator=g) > 0.3
+        mask[0, 0, 5] = False  # a row with no key at all
+    else:
+        mask = torch.randn(2, 4, 1, 150, generator=g)
+    q, k, v = inputs(plan, grad=True)
+    out, lse = torch_exec.attention_torch(plan, q, k, v, mask)
+    ref, ref_lse = attention_reference(plan, q, k, v, mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+    assert_close_lse(lse, ref_lse)
+    dout = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad((out * dout).sum(), (q, k, v)), torch.autograd.grad((ref * dout).sum(), (q, k, v))
+    ):
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_visits_only_block_table_pairs():
+    """Every kernel call covers only kv tokens of blocks in the table (empty blocks never touched)."""
+    plan = plan_of([causal_window(64)], [0] * 2, heads=2, seq=1024)
+    prep = torch_exec.prepare(plan)
+    table = plan.block_table()
+    allowed_blocks = set()
+    for r in range(table.num_q_blocks):
+        for c in table.kv_indices[0, r, : table.kv_num_blocks[0, r]].tolist():
+            allowed_blocks.add((r, c))
+        for c in table.full_indices[0, r, : table.full_num_blocks[0, r]].tolist():
+            allowed_blocks.add((r, c))
+    touched = 0
+    for grp in prep.units[0].groups:
+        for r, idx in zip(grp.rows.tolist(), grp.kv_index):
+            touched += idx.numel()
+            assert {(r, c) for c in (idx // plan.block_kv).unique().tolist()} <= allowed_blocks
+    # partial blocks are trimmed to allowed columns: fewer tokens than the visited blocks hold
+    assert touched < int(table.visited().sum()) * plan.block_kv
+
+
+def test_gqa_shares_kv_without_copies():
+    plan = CASES["gqa_causal"]
+    prep = torch_exec.prepare(plan)
+    assert [u.q_heads.tolist() for u in prep.units] == [[[0, 1, 2], [3, 4, 5]]]
+    _, k, _ = inputs(plan)
+    ku = torch_exec._unit_kv(k, prep.units[0])
+    assert ku.data_ptr() == k.data_ptr()
+
+
+def test_plan_is_prepared_once():
+    plan = CASES["window40_block32"]
+    assert torch_exec.prepare(plan) is torch_exec.prepare(plan)
+
+
+def test_executor_entry_point_dispatches_here():
+    plan = CASES["per_head_programs"]
+    q, k, v = inputs(plan)
+    a = run(plan, q, k, v, executor="torch")[0]
+    b = torch_exec.attention_torch(plan, q, k, v)[0]
+    assert torch.equal(a, b)
+
+
+def test_dynamic_mask_is_refused():
+    plan = plan_of([M.Selector("topk", (("k", 4),))], [0] * 2, heads=2, seq=128)
+    q, k, v = inputs(plan)
+    with pytest.raises(ValueError, match="selects blocks"):
+        torch_exec.attention_torch(plan, q, k, v)
+
+
+def test_wrong_shapes_are_reported():
+    plan = CASES["causal"]
+    q, k, v = inputs(plan)
+    with pytest.raises(ValueError, match="plan expects"):
+        torch_exec.attention_torch(plan, q[:, :, :100], k, v)
