@@ -86,19 +86,39 @@ def _check_shapes(plan, q, k, v, out, lse, dout) -> None:
             raise ValueError(f"attention_backward: {what} has shape {list(t.shape)}, the plan expects {list(shape)}")
 
 
-# -- reference: autograd through the dense oracle -----------------------------------------------
+# -- reference: the dense oracle's exact gradient ---------------------------------------------
 
 
 def _backward_reference(plan, q, k, v, dout, mask_tensor) -> Grads:
-    """Exact gradients: autograd through ``attention_reference`` in fp32 (fp64 for fp64 inputs)."""
-    from attncc.codegen.reference import attention_reference
-
+    """Exact gradients of ``attention_reference`` in fp32 (fp64 for fp64 inputs), in closed form:
+    the custom op's backward runs below the autograd dispatch key, where autograd cannot
+    record, so the derivative is written out (checked against finite differences by gradcheck)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.enable_grad():
-        qa, ka, va = (t.detach().to(acc).requires_grad_(True) for t in (q, k, v))
-        mt = None if mask_tensor is None else mask_tensor.detach()
-        out, _ = attention_reference(plan, qa, ka, va, mt)
-        dq, dk, dv = torch.autograd.grad(out, (qa, ka, va), dout.to(acc))
+    group = plan.gqa_group
+    qf, kf, vf, do = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    kf, vf = kf.repeat_interleave(group, dim=1), vf.repeat_interleave(group, dim=1)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * plan.scale  # [B, H, Sq, Skv]
+    allowed = plan.dense_mask(q.device).unsqueeze(0)
+    if mask_tensor is not None:
+        # an additive mask is a constant of the computation: it gets no gradient
+        if mask_tensor.dtype == torch.bool:
+            allowed = allowed & mask_tensor
+        else:
+            scores = scores + mask_tensor.detach().to(acc)
+            allowed = allowed & (mask_tensor > float("-inf"))
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True).clamp(min=torch.finfo(acc).min)
+    p = torch.exp(scores - lse).masked_fill(~allowed, 0.0)  # [B, H, Sq, Skv]; empty rows are 0
+    out = torch.matmul(p, vf)
+    delta = (do * out).sum(-1, keepdim=True)  # [B, H, Sq, 1]
+    ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kf) * plan.scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * plan.scale  # [B, H, Skv, D] per query head
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    # GQA: the query heads sharing a kv head add their contributions
+    b, hkv = k.shape[0], plan.num_kv_heads
+    dk = dk.view(b, hkv, group, plan.kv_len, plan.head_dim).sum(2)
+    dv = dv.view(b, hkv, group, plan.kv_len, plan.head_dim_v).sum(2)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
