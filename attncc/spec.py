@@ -637,19 +637,25 @@ class ResolvedPolicy:
 
 def check_executable(spec: Spec, rule_index: int) -> None:
     """Raise a SpecError naming the rule if it uses a construct spec v1 validates but this
-    attncc cannot run yet: a data-dependent selector (``topk``/``threshold``), a run-time
+    attncc cannot run yet: a data-dependent selector (``topk``/``threshold``) that
+    :func:`attncc.selection.selector_problem` rejects, a run-time
     permutation (``permute.by``) or ``reuse``. Binding such a rule must fail at compile
     time; it is never run dense instead."""
+    from attncc.selection import selector_problem, selectors_of
+
     rule = spec.rules[rule_index]
     name = spec.rule_name(rule_index)
     base, overrides = spec._rule_masks[rule_index]
     found: list[tuple[str, Path_]] = []
+    block_q, block_kv = spec.block_sizes(rule_index)
+    permuted = rule.permute is not None and rule.permute.grid is not None
     for mask, path in [(base, ("rules", rule_index, "mask"))] + [
         (m, ("rules", rule_index, "heads", key)) for key, _, m in overrides
     ]:
-        for node in mask.walk():
-            if node.dynamic:
-                found.append((f"the data-dependent selector '{node.name}'", path))
+        # selectors run (attncc.selection) unless their combination or parameters cannot
+        problem = selector_problem([mask], block_q, block_kv, permuted) if mask.is_dynamic else None
+        if problem is not None:
+            found.append((f"the data-dependent selector '{selectors_of(mask)[0].name}' ({problem})", path))
     if rule.permute is not None and rule.permute.by is not None:
         found.append((f"the run-time permutation 'by: {rule.permute.by}'", ("rules", rule_index, "permute", "by")))
     if rule.reuse is not None:
