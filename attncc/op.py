@@ -59,20 +59,43 @@ def _attention_fake(q, k, v, mask, plan_key, executor):
 def reference_backward(
     plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, dout: Tensor, dlse: Tensor | None, mask: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients by autograd through the dense reference (the fallback when no backward
-    executor is available). ``mask`` is a constant: it gets no gradient."""
+    """Exact dense gradients from the reference forward (the fallback when no backward executor
+    is available), in fp32 (fp64 for fp64 inputs). ``mask`` is a constant: it gets no gradient.
+
+    The op's implementation runs below the autograd dispatcher, so the derivative of
+    :func:`attention_reference` is written out: P = softmax(S), dV = P^T dO,
+    dS = P * (dO V^T - rowsum(dO * O) + dlse), dQ = scale dS K, dK = scale dS^T Q,
+    with the GQA group of query heads summed into each kv head."""
     from attncc.codegen.reference import attention_reference
 
-    with torch.enable_grad():
-        qr, kr, vr = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out, lse = attention_reference(plan, qr, kr, vr, None if mask is None else mask.detach())
-        outs, grads = [out], [dout.to(out.dtype)]
-        if dlse is not None:
-            finite = torch.isfinite(lse)
-            outs.append(torch.where(finite, lse, torch.zeros_like(lse)))
-            grads.append(dlse.to(lse.dtype))
-        dq, dk, dv = torch.autograd.grad(outs, (qr, kr, vr), grads, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in ((dq, q), (dk, k), (dv, v)))  # type: ignore[return-value]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out, lse = attention_reference(plan, q, k, v, mask)
+    group = plan.gqa_group
+    qf, do, of = q.to(acc), dout.to(acc), out.to(acc)
+    kf = k.to(acc).repeat_interleave(group, dim=1)
+    vf = v.to(acc).repeat_interleave(group, dim=1)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * plan.scale
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask.to(acc)
+    finite = torch.isfinite(lse).unsqueeze(-1)
+    p = torch.exp(scores - torch.where(finite, lse.to(acc).unsqueeze(-1), torch.zeros((), dtype=acc)))
+    allowed = plan.dense_mask(q.device).unsqueeze(0)
+    if mask is not None:
+        allowed = allowed & (mask if mask.dtype == torch.bool else mask > float("-inf"))
+    p = torch.where(allowed & finite, p, torch.zeros((), dtype=acc))
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    dp = torch.matmul(do, vf.transpose(-1, -2))
+    row = (do * of).sum(-1, keepdim=True)
+    if dlse is not None:
+        row = row - torch.where(finite, dlse.to(acc).unsqueeze(-1), torch.zeros((), dtype=acc))
+    ds = p * (dp - row)
+    dq = torch.matmul(ds, kf) * plan.scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf) * plan.scale
+    b, h = q.shape[0], q.shape[1]
+    hkv = h // group
+    dk = dk.reshape(b, hkv, group, *dk.shape[2:]).sum(2)
+    dv = dv.reshape(b, hkv, group, *dv.shape[2:]).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _backward_module():

@@ -1,0 +1,293 @@
+"""The attncc torch.compile backend on SDPA sites: rewrite, counters, recompiles, options, autograd, dump."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attncc
+from attncc import registry
+from attncc.config import config
+from attncc.counters import counters
+from attncc.masks import Causal, Full
+from attncc.plan import AttentionPlan
+
+EAGER = {"inner": "eager", "executor": "reference"}
+
+
+class Sdpa(torch.nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.kw = kw
+
+    def forward(self, q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.kw) * 2.0
+
+
+def qkv(b=2, h=4, hkv=4, sq=24, skv=24, d=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(b, h, sq, d, generator=g, dtype=dtype),
+        torch.randn(b, hkv, skv, d, generator=g, dtype=dtype),
+        torch.randn(b, hkv, skv, d, generator=g, dtype=dtype),
+    )
+
+
+def compile_(m, **opts):
+    return torch.compile(m, backend="attncc", options={**EAGER, **opts}, fullgraph=True)
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _bool_mask(sq, skv, seed=1):
+    m = torch.rand(sq, skv, generator=torch.Generator().manual_seed(seed)) > 0.4
+    m[:, 0] = True
+    return m
+
+
+@pytest.mark.parametrize(
+    "kw,mask,shape",
+    [
+        ({}, None, {}),
+        ({"is_causal": True}, None, {}),
+        ({"is_causal": True}, None, {"sq": 17, "skv": 17}),
+        ({}, "bool", {}),
+        ({}, "additive", {}),
+        ({"scale": 0.3}, None, {}),
+        ({"enable_gqa": True, "is_causal": True}, None, {"h": 4, "hkv": 2}),
+        ({}, "bool", {"sq": 8, "skv": 40}),
+    ],
+    ids=["plain", "causal", "causal-odd-len", "bool-mask", "additive-mask", "scale", "gqa", "cross-attn"],
+)
+def test_sdpa_rewritten_equal(kw, mask, shape):
+    q, k, v = qkv(**shape)
+    m = None
+    if mask == "bool":
+        m = _bool_mask(q.shape[2], k.shape[2])
+    elif mask == "additive":
+        m = torch.randn(1, 1, q.shape[2], k.shape[2]) * 2
+    mod = Sdpa(**kw)
+    ref = mod(q, k, v, m)
+    out = compile_(mod)(q, k, v, m)
+    assert counters["detected"] == 1 and counters["rewritten"] == 1
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_by_entry_point_and_options_reach_it(tmp_path):
+    from importlib.metadata import entry_points
+
+    names = [e.name for e in entry_points(group="torch_dynamo_backends")]
+    assert "attncc" in names
+    q, k, v = qkv()
+    compile_(Sdpa(is_causal=True), dump_dir=str(tmp_path))(q, k, v)
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_bad_option_is_named():
+    q, k, v = qkv()
+    with pytest.raises(Exception, match="executor='nope'"):
+        compile_(Sdpa(), executor="nope")(q, k, v)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown attncc option"):
+        compile_(Sdpa(), exectuor="torch")(q, k, v)
+
+
+def test_no_recompile_same_shape_and_one_per_new_length():
+    frames = []
+    mod = Sdpa(is_causal=True)
+    c = torch.compile(mod, backend=lambda gm, ex: frames.append(1) or attncc.backend.attncc_backend(gm, ex, EAGER))
+    for sq in (16, 16, 24, 24, 40, 40):
+        q, k, v = qkv(sq=sq, skv=sq)
+        torch.testing.assert_close(c(q, k, v), mod(q, k, v), atol=1e-5, rtol=1e-5)
+    # 16: static graph; 24: one recompile with a dynamic length; 40: reuses the dynamic graph
+    assert len(frames) == 2
+    assert counters["rewritten"] == 2
+
+
+def test_dynamic_plan_resized_at_run_time():
+    mod = Sdpa(is_causal=True)
+    c = torch.compile(mod, backend="attncc", options=EAGER, dynamic=True)
+    for sq in (12, 20):
+        q, k, v = qkv(sq=sq, skv=sq)
+        torch.testing.assert_close(c(q, k, v), mod(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_inductor_inner():
+    q, k, v = qkv(sq=16, skv=16)
+    mod = Sdpa(is_causal=True)
+    out = torch.compile(mod, backend="attncc", options={"executor": "reference"}, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, mod(q, k, v), atol=1e-5, rtol=1e-5)
+    assert counters["rewritten"] == 1
+
+
+@pytest.mark.parametrize("executor", ["torch", "auto"])
+def test_cpu_executors(executor):
+    q, k, v = qkv(h=4, hkv=2, sq=33, skv=33)
+    mod = Sdpa(is_causal=True, enable_gqa=True)
+    out = compile_(mod, executor=executor)(q, k, v)
+    torch.testing.assert_close(out, mod(q, k, v), atol=1e-4, rtol=1e-4)
+
+
+def _plan(h=2, hkv=1, s=9, d=4, causal=True, mask_kind=None):
+    return AttentionPlan(
+        programs=(Causal() if causal else Full(),),
+        head_to_program=(0,) * h,
+        num_heads=h,
+        num_kv_heads=hkv,
+        q_len=s,
+        kv_len=s,
+        head_dim=d,
+        head_dim_v=d,
+        dtype="float64",
+        scale=0.5,
+        mask_kind=mask_kind,
+    )
+
+
+def test_op_reference_backward_fallback_gradcheck(monkeypatch):
+    import attncc.op as op
+
+    monkeypatch.setattr(op, "_backward_module", lambda: None)
+    key = registry.register_plan(_plan(mask_kind="additive"))
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 1, 9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 1, 9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    mask = torch.randn(1, 1, 9, 9, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.attncc.attention(q, k, v, mask, key, "reference")[0], (q, k, v)
+    )
+
+
+def test_op_backward_matches_autograd_of_sdpa():
+    q, k, v = (t.double().requires_grad_(True) for t in qkv(b=1, h=2, hkv=2, sq=10, skv=10, d=8))
+    mod = Sdpa(is_causal=True)
+    c = compile_(mod)
+    c(q, k, v).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    mod(q, k, v).sum().backward()
+    for g, t in zip(grads, (q, k, v)):
+        torch.testing.assert_close(g, t.grad, atol=1e-8, rtol=1e-8)
+
+
+def test_fake_impl_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    key = registry.register_plan(_plan(h=4, hkv=2, s=8, d=4, causal=False))
+    with FakeTensorMode():
+        q, k, v = torch.empty(3, 4, 8, 4), torch.empty(3, 2, 8, 4), torch.empty(3, 2, 8, 4)
+        out, lse = torch.ops.attncc.attention(q, k, v, None, key, "reference")
+    assert tuple(out.shape) == (3, 4, 8, 4) and tuple(lse.shape) == (3, 4, 8) and lse.dtype == torch.float32
+
+
+def test_spec_policies_on_sdpa_site():
+    spec = {"attncc": 1, "rules": [{"mask": {"any": [{"sink": 2}, {"window": 4}]}, "heads": {"1": "full"}}]}
+    q, k, v = qkv(sq=20, skv=20)
+    out = compile_(Sdpa(is_causal=True), spec=spec)(q, k, v)
+    allowed = attncc.dense_mask(spec, 20, num_heads=4) & torch.ones(20, 20, dtype=torch.bool).tril()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed) * 2.0
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unbound_site_left_as_it_was():
+    spec = {"attncc": 1, "rules": [{"where": {"module": "nothing.*"}, "mask": {"window": 2}}]}
+    q, k, v = qkv()
+    mod = Sdpa(is_causal=True)
+    out = compile_(mod, spec=spec)(q, k, v)
+    assert counters["detected"] == 1 and counters["rewritten"] == 0 and counters["unbound"] == 1
+    torch.testing.assert_close(out, mod(q, k, v))
+
+
+def test_strict_unmatched_rule_and_site():
+    q, k, v = qkv()
+    spec = {"attncc": 1, "rules": [{"mask": "full"}, {"where": {"layers": 5}, "mask": "causal"}]}
+    with pytest.raises(Exception, match="rules\\[1\\].*matches no attention"):
+        compile_(Sdpa(), spec=spec, strict=True)(q, k, v)
+    torch._dynamo.reset()
+    spec = {"attncc": 1, "rules": [{"where": {"module": "x"}, "mask": "causal"}]}
+    with pytest.raises(Exception, match="no rule matches the attention"):
+        compile_(Sdpa(), spec=spec, strict=True)(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "rule,match",
+    [
+        ({"mask": {"topk": {"k": 2}}}, "rules\\[0\\].*topk"),
+        ({"mask": "causal", "heads": {"7": "full"}}, "head 7 is out of range"),
+    ],
+    ids=["dynamic-selector", "head-out-of-range"],
+)
+def test_spec_errors_at_compile_time(rule, match):
+    q, k, v = qkv()
+    with pytest.raises(attncc.SpecError, match=match):
+        attncc.backend.attncc_backend(torch.fx.symbolic_trace(Sdpa()), [], None) if False else _compile_error(
+            q, k, v, {"attncc": 1, "rules": [rule]}
+        )
+
+
+def _compile_error(q, k, v, spec):
+    try:
+        compile_(Sdpa(), spec=spec)(q, k, v)
+    except Exception as e:  # dynamo wraps backend errors; the SpecError is the cause
+        while e.__cause__ is not None and not isinstance(e, attncc.SpecError):
+            e = e.__cause__
+        raise e from None
+
+
+def test_dump_folder_and_manifest(tmp_path):
+    q, k, v = qkv(h=4, hkv=2)
+    spec = {"attncc": 1, "rules": [{"name": "win", "mask": {"window": 8}}]}
+    compile_(Sdpa(is_causal=True, enable_gqa=True), spec=spec, dump_dir=str(tmp_path))(q, k, v)
+    (folder,) = tmp_path.iterdir()
+    names = sorted(p.name for p in folder.iterdir())
+    assert [n for n in names if n.endswith(".txt")] == [
+        "00_input.txt",
+        "01_normalize.txt",
+        "02_detect-attention.txt",
+        "03_bind-spec.txt",
+        "04_rewrite.txt",
+    ]
+    assert "attncc.attention" in (folder / "04_rewrite.txt").read_text()
+    man = json.loads((folder / "manifest.json").read_text())
+    (site,) = man["sites"]
+    assert site["rule"] == "win" and site["fx_nodes"] and site["plan_key"] in registry.plans()
+    assert site["plan"]["programs"] == [{"window": 8}] and site["num_kv_heads"] == 2
+    assert 0 < site["density"][0] < 1
+
+
+def test_dump_dir_from_env_config(tmp_path):
+    q, k, v = qkv()
+    with config.scope(dump_dir=str(tmp_path)):
+        compile_(Sdpa())(q, k, v)
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_log_names_site_and_rule(capfd):
+    q, k, v = qkv()
+    with config.scope(log="info"):
+        compile_(Sdpa(is_causal=True), spec={"attncc": 1, "rules": [{"name": "all", "mask": "full"}]})(q, k, v)
+    err = capfd.readouterr().err
+    assert "[attncc]" in err and "-> rule 'all'" in err
+
+
+def test_config_scope_and_env(monkeypatch):
+    monkeypatch.setenv("ATTNCC_STRICT", "yes")
+    assert config.strict is True
+    with config.scope(strict=False):
+        assert config.strict is False
+    monkeypatch.setenv("ATTNCC_STRICT", "maybe")
+    with pytest.raises(ValueError, match="ATTNCC_STRICT"):
+        _ = config.strict
+    with pytest.raises(AttributeError, match="unknown attncc setting"):
+        _ = config.nonexistent
