@@ -22,7 +22,6 @@ import re
 import statistics
 import sys
 import time
-import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,9 +137,9 @@ def _flex_predicate(name: str, heads: int):
     return preds[name]
 
 
-def flex_mask_mod(case: Case, plan: AttentionPlan):
+def flex_mask_mod(case: Case, plan: AttentionPlan, device=None):
     """FlexAttention mask_mod over *kernel-order* indices (inputs are pre-permuted for Flex)."""
-    order = plan.order()
+    order = plan.order(device)
     pred = _flex_predicate(case.name, plan.num_heads)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -156,14 +155,17 @@ def flex_mask_mod(case: Case, plan: AttentionPlan):
 
 def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per function, calls interleaved so drifting machine load hits all alike."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(warmup):
         for f in fns.values():
             f()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            sync()
             t0 = time.perf_counter()
             f()
+            sync()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -202,8 +204,7 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     t0 = time.perf_counter()
     table = plan.block_table()
     t_table = time.perf_counter() - t0
-    dense = plan.dense_mask(dev)
-    density = dense.float().mean().item()
+    density = _density(plan, dev)
     block_density = (
         table.visited().double() * torch.bincount(torch.tensor(plan.head_to_program)).double()
     ).sum().item() / (args.heads * table.num_q_blocks * table.num_kv_blocks)
@@ -220,15 +221,22 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         err = (out.float() - ref.float()).abs().max().item()
         del ref
 
-    fns = {
-        "attncc": lambda: attncc_run(plan, q, k, v, executor=executor),
-        "sdpa_dense": lambda: F.scaled_dot_product_attention(q, k, v),
-    }
-    if case.name == "causal":
-        fns["sdpa_causal"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if args.masked_sdpa:
-        bool_mask = dense.unsqueeze(0)
-        fns["sdpa_masked"] = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask)
+    def sdpa(**kw):
+        if dev != "cuda":
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # the anchor on GPU is the flash backend; a mask needs the memory-efficient one
+        backend = SDPBackend.FLASH_ATTENTION if "attn_mask" not in kw else SDPBackend.EFFICIENT_ATTENTION
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    fns = {"attncc": lambda: attncc_run(plan, q, k, v, executor=executor), "sdpa_dense": lambda: sdpa()}
+    if case.name == "causal" or dev == "cuda":
+        fns["sdpa_causal"] = lambda: sdpa(is_causal=True)
+    if args.masked_sdpa and seq <= args.max_masked_seq:
+        bool_mask = plan.dense_mask(dev).unsqueeze(0)
+        fns["sdpa_masked"] = lambda: sdpa(attn_mask=bool_mask)
     flex_err = None
     if flex_fn is not None:
         from torch.nn.attention.flex_attention import create_block_mask
@@ -237,7 +245,7 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         qf, kf, vf = (x if order is None else x.index_select(2, order) for x in (q, k, v))
         t0 = time.perf_counter()
         bm = create_block_mask(
-            flex_mask_mod(case, plan), 1, args.heads, seq, seq, device=dev, BLOCK_SIZE=args.flex_block
+            flex_mask_mod(case, plan, dev), 1, args.heads, seq, seq, device=dev, BLOCK_SIZE=args.flex_block
         )
         t_bm = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -272,12 +280,24 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         row["attncc_over_flex"] = t["attncc"] / t["flex"]
         row["flex_block_mask_s"] = t_bm
         row["flex_first_call_s"] = t_flex_compile
-    if "sdpa_causal" in t:
+    if "sdpa_causal" in t and case.name == "causal":
         row["attncc_over_sdpa_causal"] = t["attncc"] / t["sdpa_causal"]
     if dev == "cuda":
         flops = 4 * args.batch * args.heads * seq * seq * args.dim * block_density
         row["attncc_tflops_on_computed_blocks"] = flops / t["attncc"] / 1e12
     return row
+
+
+def _density(plan: AttentionPlan, device, rows: int = 2048) -> float:
+    """Fraction of allowed (q, kv) pairs over all heads, a band of query rows at a time."""
+    allowed = 0
+    kv = torch.arange(plan.kv_len, device=device).view(1, 1, -1)
+    for h, i in enumerate(plan.head_to_program):
+        prog, hh = plan.programs[i], torch.tensor(h, device=device).view(1, 1, 1)
+        for r0 in range(0, plan.q_len, rows):
+            q = torch.arange(r0, min(plan.q_len, r0 + rows), device=device).view(1, -1, 1) + plan.q_offset
+            allowed += int(prog.dense(hh, q, kv, plan.q_len, plan.kv_len).expand(1, q.shape[1], plan.kv_len).sum())
+    return allowed / (plan.num_heads * plan.q_len * plan.kv_len)
 
 
 def _fmt(x, spec=".3g"):
@@ -306,7 +326,7 @@ def print_table(rows: list[dict]) -> None:
         t = r["times_s"]
         extra = (
             f" (SDPA causal {t['sdpa_causal'] * 1e3:.1f} ms, ratio {r['attncc_over_sdpa_causal']:.2f})"
-            if "sdpa_causal" in t
+            if "attncc_over_sdpa_causal" in r
             else ""
         )
         print(
@@ -332,7 +352,7 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
-def matrix(args) -> list[dict]:
+def matrix(args, on_row=None) -> list[dict]:
     flex_fn = None
     if not args.no_flex:
         try:
@@ -411,9 +431,7 @@ def compile_overhead(args) -> list[dict] | None:
 # -- scale -------------------------------------------------------------------------------------
 
 
-def scale(args) -> list[dict]:
-    """Block tables at 128k and 1M tokens: time and peak memory (no S x S allowed)."""
-    rows = []
+def _scale_cases() -> list[Case]:
     statics = [c for c in cases(1) if c.grid is None and len(c.programs) == 1]
     statics.append(
         Case(
@@ -424,38 +442,58 @@ def scale(args) -> list[dict]:
             (64, 128, 128),
         )
     )
-    for seq in args.scale_seqs:
-        for case in statics:
-            if case.grid is not None and seq != args.scale_seqs[-1]:
-                continue
-            n = case.grid[0] * case.grid[1] * case.grid[2] if case.grid else seq
-            plan = make_plan(case, n, 1, 1, 64, "float32", 128)
-            tracemalloc.start()
-            t0 = time.perf_counter()
-            table = plan.block_table()
-            dt = time.perf_counter() - t0
-            _, peak = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-            row = {
-                "case": case.name,
-                "seq": n,
-                "block": 128,
-                "build_s": dt,
-                "peak_python_mib": peak / 2**20,
-                "visited_blocks": int(table.visited().sum()),
-                "block_density": table.block_density().item(),
-            }
-            rows.append(row)
-            log(f"scale {case.name} S={n}: {dt:.2f}s, peak {peak / 2**20:.0f} MiB")
-            print(f"| {case.name} | {n} | {dt:.2f}s | {peak / 2**20:.0f} MiB | {row['block_density']:.5f} |")
+    return statics
+
+
+def scale_one(name: str, seq: int) -> dict:
+    """Build one block table in this (fresh) process; peak RSS growth over the baseline."""
+    import resource
+
+    case = next(c for c in _scale_cases() if c.name == name)
+    n = case.grid[0] * case.grid[1] * case.grid[2] if case.grid else seq
+    plan = make_plan(case, n, 1, 1, 64, "float32", 128)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    table = plan.block_table()
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    return {
+        "case": name,
+        "seq": n,
+        "block": 128,
+        "build_s": dt,
+        "peak_rss_growth_mib": peak / 1024,
+        "visited_blocks": int(table.visited().sum()),
+        "block_density": table.block_density().item(),
+    }
+
+
+def scale(args) -> list[dict]:
+    """Block tables at 128k and 1M tokens: time and peak memory (no S x S allowed), one process each."""
+    import subprocess
+
+    rows = []
+    todo = [(c.name, s) for s in args.scale_seqs for c in _scale_cases() if not (c.grid and s != args.scale_seqs[-1])]
+    for i, (name, seq) in enumerate(todo, 1):
+        log(f"[{i}/{len(todo)}] scale {name} S={seq} ...")
+        res = subprocess.run(
+            [sys.executable, "-m", "bench.attention", "--scale-one", name, str(seq)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        if res.returncode:
+            log(res.stderr[-2000:])
+            rows.append({"case": name, "seq": seq, "error": res.stderr.strip().splitlines()[-1:]})
+            continue
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(
+            f"| {name} | {row['seq']} | {row['build_s']:.2f}s | {row['peak_rss_growth_mib']:.0f} MiB | "
+            f"{row['block_density']:.5f} |",
+            flush=True,
+        )
     return rows
-
-
-def _peak_note() -> str:
-    return (
-        "peak memory is measured with tracemalloc, which sees torch CPU allocations only when "
-        "torch routes them through Python; RSS growth is reported beside it"
-    )
 
 
 # -- main --------------------------------------------------------------------------------------
@@ -477,13 +515,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-masked-sdpa", dest="masked_sdpa", action="store_false")
+    ap.add_argument("--max-masked-seq", type=int, default=8192, help="masked SDPA (a dense S x S mask) up to here")
     ap.add_argument("--max-ref-seq", type=int, default=4096, help="check against the dense reference up to here")
     ap.add_argument("--json", action="store_true", help="write bench/results/<machine>-<date>.json")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (implies --json)")
     ap.add_argument("--compile-overhead", action="store_true")
     ap.add_argument("--scale", action="store_true")
     ap.add_argument("--scale-seqs", type=int, nargs="*", default=[131072, 1048576])
+    ap.add_argument("--scale-one", nargs=2, metavar=("CASE", "SEQ"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.scale_one:
+        print(json.dumps(scale_one(args.scale_one[0], int(args.scale_one[1]))))
+        return 0
     if args.seqs is None:
         args.seqs = [4096, 8192, 16384] if args.long else [4096]
     if args.repeats is None:
@@ -495,22 +538,34 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "argv": sys.argv[1:],
     }
-    if args.compile_overhead:
-        result["compile_overhead"] = compile_overhead(args)
-    elif args.scale:
-        print("| mask | tokens | build | peak (tracemalloc) | block density |\n|---|---|---|---|---|")
-        result["scale"] = scale(args)
-        result["note"] = _peak_note()
-    else:
-        rows = matrix(args)
-        print_table(rows)
-        result["matrix"] = rows
-    if args.json or args.out:
-        path = args.out or RESULTS / f"{result['machine']}-{result['date']}.json"
+    path = (args.out or RESULTS / f"{result['machine']}-{result['date']}.json") if args.json or args.out else None
+
+    def save() -> None:
+        if path is None:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(path.read_text()) if path.exists() else {}
         old.update(result)
         path.write_text(json.dumps(old, indent=1, default=str) + "\n")
+
+    if args.compile_overhead:
+        result["compile_overhead"] = compile_overhead(args)
+    elif args.scale:
+        print("| mask | tokens | build | peak RSS growth | block density |\n|---|---|---|---|---|")
+        result["scale"] = scale(args)
+        result["note"] = "peak = growth of the max RSS of a fresh process while building the table"
+    else:
+        key = "matrix" if args.device == "cpu" else f"matrix_{args.device}_{args.dtype}_d{args.dim}"
+
+        def partial(rows):
+            result[key] = rows
+            save()
+
+        rows = matrix(args, partial)
+        print_table(rows)
+        result[key] = rows
+    save()
+    if path is not None:
         log(f"wrote {path}")
     return 0
 
