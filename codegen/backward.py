@@ -173,10 +173,9 @@ def triton_mode() -> str:
     return "interpret" if type(tl.sum).__name__ == "InterpretedFunction" else "compile"
 
 
-@functools.lru_cache(maxsize=128)
-def load_backward_module(plan: AttentionPlan) -> ModuleType:
-    """Import the plan's generated backward module, cached by source hash (the file stays on
-    disk because ``triton.jit`` reads kernel source from it)."""
+def backward_source_path(plan: AttentionPlan) -> str:
+    """Path of the plan's generated backward source on disk (written once per source hash;
+    ``triton.jit`` reads kernel source from the file)."""
     source = backward_source(plan)
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     os.makedirs(_KERNEL_DIR, exist_ok=True)
@@ -186,7 +185,16 @@ def load_backward_module(plan: AttentionPlan) -> ModuleType:
         with open(tmp, "w") as f:
             f.write(source)
         os.replace(tmp, path)
-    mod_name = f"attncc_generated.{plan.pattern}_bwd_{digest}"
+    return path
+
+
+@functools.lru_cache(maxsize=128)
+def load_backward_module(plan: AttentionPlan) -> ModuleType:
+    """Import the plan's generated backward module, cached per source file."""
+    path = backward_source_path(plan)
+    mod_name = f"attncc_generated.{os.path.basename(path)[:-3]}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
     spec = importlib.util.spec_from_file_location(mod_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -195,8 +203,164 @@ def load_backward_module(plan: AttentionPlan) -> ModuleType:
     return module
 
 
+_TRITON_ELEM = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def backward_signatures(plan: AttentionPlan) -> dict[str, dict[str, str]]:
+    """Triton types of each backward kernel's run-time arguments, in order (ahead-of-time compiles)."""
+    elem = f"*{_TRITON_ELEM[plan.dtype]}"
+    mask = {"bool": "*u8", "additive": elem, None: "*i64"}[plan.mask_kind]
+    rows = (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m"))
+    strides = {f"stride_{t}{d}": "i32" for t, row in rows for d in "bh" + row}
+    tables = {"PartialNum": "*i32", "PartialIdx": "*i32", "FullNum": "*i32", "FullIdx": "*i32", "Visits": "*i32"}
+    common = {"Q": elem, "K": elem, "V": elem, "DO": elem, "LSE": "*fp32", "Delta": "*fp32"}
+    pointers = {"MaskT": mask, "QOrder": "*i64", "KVOrder": "*i64", "HeadProgram": "*i32"}
+    mask_strides = {f"stride_m{d}": "i32" for d in "bhmn"}
+    return {
+        "preprocess": {
+            "Out": elem,
+            "DOut": elem,
+            "Delta": "*fp32",
+            **{f"stride_{t}{d}": "i32" for t in ("o", "do") for d in "bhm"},
+        },
+        "dkdv": {
+            **common,
+            "DK": elem,
+            "DV": elem,
+            **pointers,
+            **tables,
+            **strides,
+            **{f"stride_{t}{d}": "i32" for t in ("dk", "dv") for d in "bhn"},
+            **mask_strides,
+            "sm_scale": "fp32",
+        },
+        "dq": {
+            **common,
+            "DQ": elem,
+            **pointers,
+            **tables,
+            **strides,
+            **{f"stride_dq{d}": "i32" for d in "bhm"},
+            **mask_strides,
+            "sm_scale": "fp32",
+        },
+    }
+
+
+def backward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) -> list:
+    """``attncc.codegen.aot.Job``s compiling the plan's three backward kernels for ``sm_<arch>``."""
+    from attncc.codegen.aot import Job
+
+    path = backward_source_path(plan)
+    names = kernel_names(plan)
+    consts = backward_constexprs(plan)
+    sigs = backward_signatures(plan)
+    warps = 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4
+    roles = ("preprocess", "dkdv", "dq")
+    return [
+        Job(path, names[r], sigs[r], consts[r], arch, str(out_dir), warps, 1 if r == "preprocess" else 2) for r in roles
+    ]
+
+
+def write_backward_kernels(
+    folder: str | os.PathLike, plans: list[AttentionPlan], *, archs: tuple[int, ...] = (90,), aot: bool = True
+) -> list[dict]:
+    """Dump the plans' backward kernels into ``folder``: ``<pattern>_bwd_<hash>.py`` (the source
+    Triton runs) and, when ``aot``, ``<pattern>_bwd_<hash>/sm_<arch>/<kernel>.{ttir,ttgir,ptx,cubin}``
+    compiled without a GPU. One manifest entry per distinct plan; a kernel that fails to compile
+    carries its error instead of files."""
+    import pathlib
+    import shutil
+
+    out = pathlib.Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    unique = list({p.key(): p for p in plans}.values())
+    entries, jobs, owners = [], [], []
+    for plan in unique:
+        src = pathlib.Path(backward_source_path(plan))
+        shutil.copyfile(src, out / src.name)
+        entry = {
+            "plan_key": plan.key(),
+            "pattern": plan.pattern,
+            "file": src.name,
+            "kernels": kernel_names(plan),
+            "targets": {},
+        }
+        entries.append(entry)
+        if aot:
+            for arch in archs:
+                for job in backward_aot_jobs(plan, arch, out / src.stem / f"sm_{arch}"):
+                    jobs.append(job)
+                    owners.append(entry)
+    if jobs:
+        from attncc.codegen.aot import compile_jobs
+
+        for entry, result in zip(owners, compile_jobs(jobs)):
+            result["files"] = {k: os.path.relpath(v, out) for k, v in result.get("files", {}).items()}
+            entry["targets"].setdefault(result.pop("arch"), {})[result.pop("kernel")] = result
+    return entries
+
+
 def _next_pow2(n: int) -> int:
     return max(16, 1 << max(0, (n - 1).bit_length()))
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def backward_constexprs(
+    plan: AttentionPlan,
+    dtype: str | None = None,
+    mask_kind: str | None = None,
+    *,
+    interpret: bool = False,
+    count_visits: bool = False,
+) -> dict[str, dict]:
+    """The ``tl.constexpr`` arguments of each backward kernel (``preprocess``, ``dkdv``, ``dq``) for
+    tensors of ``dtype`` (default: the plan's) and a mask tensor of ``mask_kind`` (default: the
+    plan's); the launcher and the ahead-of-time compiler both take them from here."""
+    dtype = dtype or plan.dtype
+    mask_kind = plan.mask_kind if mask_kind is None else mask_kind
+    fwd = plan.block_table()
+    tr = _tables(plan, torch.device("cpu")).transposed
+    common = dict(
+        H=plan.num_heads,
+        H_KV=plan.num_kv_heads,
+        GROUP=plan.gqa_group,
+        Q_LEN=plan.q_len,
+        KV_LEN=plan.kv_len,
+        Q_OFFSET=plan.q_offset,
+        NUM_Q_BLOCKS=fwd.num_q_blocks,
+        NUM_KV_BLOCKS=fwd.num_kv_blocks,
+        HEAD_DIM=plan.head_dim,
+        HEAD_DIM_V=plan.head_dim_v,
+        BLOCK_D=_next_pow2(plan.head_dim),
+        BLOCK_DV=_next_pow2(plan.head_dim_v),
+        BLOCK_M=plan.block_q,
+        BLOCK_N=plan.block_kv,
+        HAS_PERM=plan.permute is not None,
+        HAS_MASK_TENSOR=mask_kind is not None,
+        MASK_IS_BOOL=mask_kind == "bool",
+        EVEN_Q=plan.q_len % plan.block_q == 0,
+        EVEN_KV=plan.kv_len % plan.block_kv == 0,
+        # the interpreter's tl.dot is wrong for low-precision inputs: upcast tiles there
+        UPCAST=interpret and dtype != "float32",
+        # fp32 keeps fp32 accuracy on GPUs (no TF32); fp16/bf16 use the tensor cores as they are
+        INPUT_PRECISION="ieee" if dtype == "float32" else "tf32",
+        COUNT_VISITS=count_visits,
+    )
+    return {
+        "common": common,
+        "preprocess": dict(
+            H=plan.num_heads,
+            Q_LEN=plan.q_len,
+            HEAD_DIM_V=plan.head_dim_v,
+            BLOCK_M=plan.block_q,
+            BLOCK_DV=common["BLOCK_DV"],
+        ),
+        "dkdv": dict(common, MAX_PARTIAL=tr.kv_indices.shape[2], MAX_FULL=tr.full_indices.shape[2]),
+        "dq": dict(common, MAX_PARTIAL=fwd.kv_indices.shape[2], MAX_FULL=fwd.full_indices.shape[2]),
+    }
 
 
 def _backward_triton(
@@ -265,53 +429,19 @@ def _backward_triton(
     else:
         mt, mask_strides = tables.order, (0, 0, 0, 0)
 
-    # interpreter tl.dot is wrong for low-precision inputs: upcast tiles there
-    upcast = interpret and q.dtype != torch.float32
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
     fwd, tr = tables.forward, tables.transposed
     nq, nk = fwd.num_q_blocks, fwd.num_kv_blocks
     count = visits is not None
     visit_dkdv = torch.zeros(bsz * h * nq * nk if count else 1, dtype=torch.int32, device=dev)
     visit_dq = torch.zeros_like(visit_dkdv)
-    flags = dict(
-        H=h,
-        H_KV=hkv,
-        GROUP=plan.gqa_group,
-        Q_LEN=plan.q_len,
-        KV_LEN=plan.kv_len,
-        Q_OFFSET=plan.q_offset,
-        NUM_Q_BLOCKS=nq,
-        NUM_KV_BLOCKS=nk,
-        HEAD_DIM=plan.head_dim,
-        HEAD_DIM_V=plan.head_dim_v,
-        BLOCK_D=_next_pow2(plan.head_dim),
-        BLOCK_DV=_next_pow2(plan.head_dim_v),
-        BLOCK_M=plan.block_q,
-        BLOCK_N=plan.block_kv,
-        HAS_PERM=plan.permute is not None,
-        HAS_MASK_TENSOR=mask_tensor is not None,
-        MASK_IS_BOOL=mask_tensor is not None and mask_tensor.dtype == torch.bool,
-        EVEN_Q=plan.q_len % plan.block_q == 0,
-        EVEN_KV=plan.kv_len % plan.block_kv == 0,
-        UPCAST=upcast,
-        INPUT_PRECISION=precision,
-        COUNT_VISITS=count,
-    )
+    mask_kind = None if mask_tensor is None else ("bool" if mask_tensor.dtype == torch.bool else "additive")
+    consts = backward_constexprs(plan, _DTYPE_NAMES[q.dtype], mask_kind, interpret=interpret, count_visits=count)
 
     delta = torch.empty(bsz, h, plan.q_len, dtype=torch.float32, device=dev)
-    getattr(module, names["preprocess"])[(nq, bsz * h)](
-        out,
-        dout,
-        delta,
-        *out.stride()[:3],
-        *dout.stride()[:3],
-        H=h,
-        Q_LEN=plan.q_len,
-        HEAD_DIM_V=plan.head_dim_v,
-        BLOCK_M=plan.block_q,
-        BLOCK_DV=flags["BLOCK_DV"],
-    )
-    getattr(module, names["dkdv"])[(nk, bsz * hkv)](
+    preprocess, dkdv, dq_kernel = (getattr(module, names[n]) for n in ("preprocess", "dkdv", "dq"))
+    preprocess[(nq, bsz * h)](out, dout, delta, *out.stride()[:3], *dout.stride()[:3], **consts["preprocess"])
+    # dK/dV: one program per (kv block, batch x kv head), walking the transposed table
+    dkdv[(nk, bsz * hkv)](
         q,
         k,
         v,
@@ -337,11 +467,10 @@ def _backward_triton(
         *dv.stride()[:3],
         *mask_strides,
         plan.scale,
-        MAX_PARTIAL=tr.kv_indices.shape[2],
-        MAX_FULL=tr.full_indices.shape[2],
-        **flags,
+        **consts["dkdv"],
     )
-    getattr(module, names["dq"])[(nq, bsz * h)](
+    # dQ: one program per (query block, batch x head), walking the forward table
+    dq_kernel[(nq, bsz * h)](
         q,
         k,
         v,
@@ -365,9 +494,7 @@ def _backward_triton(
         *dq.stride()[:3],
         *mask_strides,
         plan.scale,
-        MAX_PARTIAL=fwd.kv_indices.shape[2],
-        MAX_FULL=fwd.full_indices.shape[2],
-        **flags,
+        **consts["dq"],
     )
     if count:
         visits["dkdv"] = visit_dkdv.view(bsz, h, nq, nk)

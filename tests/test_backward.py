@@ -14,7 +14,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from attncc.codegen.backward import attention, attention_backward, triton_mode  # noqa: E402
+from attncc.codegen.backward import (  # noqa: E402
+    attention,
+    attention_backward,
+    triton_mode,
+    write_backward_kernels,
+)
 from attncc.codegen.backward_gen import backward_source, kernel_names  # noqa: E402
 from attncc.codegen.reference import attention_reference  # noqa: E402
 
@@ -316,3 +321,27 @@ def test_reference_gradient_equals_autograd_of_the_oracle(mask_kind):
     got = attention_backward(plan, q, k, v, out.detach(), lse, dout, mask, "reference")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_dump_compiles_backward_kernels_for_sm90(tmp_path):
+    # the Triton compiler (not the interpreter) accepts every branch: head policies, GQA,
+    # an additive mask tensor, a ragged sequence end and fp16 dots
+    plan = make_plan(
+        (STREAMING, M.Chunk(32)),
+        (0, 1, 1, 0),
+        num_heads=4,
+        num_kv_heads=2,
+        q_len=100,
+        head_dim=64,
+        dtype="float16",
+        block=64,
+        mask_kind="additive",
+    )
+    (entry,) = write_backward_kernels(tmp_path, [plan, plan], archs=(90,))
+    assert (tmp_path / entry["file"]).read_text() == backward_source(plan)
+    targets = entry["targets"]["sm_90"]
+    for name in kernel_names(plan).values():
+        assert "error" not in targets[name], targets[name]["error"]
+        ptx = (tmp_path / targets[name]["files"]["ptx"]).read_text()
+        assert ".target sm_90" in ptx and f".entry {name}" in ptx
