@@ -1,10 +1,10 @@
 """AttentionPlan -> Triton source of a FlashAttention-2 style block-sparse forward kernel.
 
-The source depends only on the plan's mask programs and dtype class; every shape, stride,
-block size and feature switch (permutation, model mask tensor, sequence padding) reaches the
-kernel as an argument or a ``tl.constexpr``, so one generated file reads like a hand-written
-kernel and ``kernel_constexprs`` is the single place the launcher and the AOT compiler take
-their specialisation from.
+The code depends only on the plan's mask programs and dtype (the header prints the whole
+plan); every shape, stride, block size and feature switch (permutation, model mask tensor,
+sequence padding) reaches the kernel as an argument or a ``tl.constexpr``, and
+``kernel_constexprs`` / ``kernel_signature`` are the one place the launcher and the AOT
+compiler take that specialisation from.
 """
 
 from __future__ import annotations
