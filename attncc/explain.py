@@ -24,8 +24,11 @@ def kernel_name(plan: AttentionPlan) -> str:
     return f"{plan.pattern}_fwd_kernel"
 
 
-def head_density(plan: AttentionPlan) -> list[float]:
-    """Fraction of (query, key) pairs each head may attend (structural mask only)."""
+def head_density(plan: AttentionPlan) -> list[float] | None:
+    """Fraction of (query, key) pairs each head may attend (structural mask only); None for
+    plans whose blocks are selected from the data at run time."""
+    if any(p.is_dynamic for p in plan.programs):
+        return None
     mask = plan.dense_mask()
     return [round(float(x), 4) for x in mask.flatten(1).float().mean(1)]
 

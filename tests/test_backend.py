@@ -223,17 +223,15 @@ def test_strict_unmatched_rule_and_site():
 @pytest.mark.parametrize(
     "rule,match",
     [
-        ({"mask": {"topk": {"k": 2}}}, "rules\\[0\\].*topk"),
+        ({"mask": {"topk": {"k": 2}}, "reuse": {"refresh_every": 2}}, "rules\\[0\\].*reuse"),
         ({"mask": "causal", "heads": {"7": "full"}}, "head 7 is out of range"),
     ],
-    ids=["dynamic-selector", "head-out-of-range"],
+    ids=["reuse-across-calls", "head-out-of-range"],
 )
 def test_spec_errors_at_compile_time(rule, match):
     q, k, v = qkv()
     with pytest.raises(attncc.SpecError, match=match):
-        attncc.backend.attncc_backend(torch.fx.symbolic_trace(Sdpa()), [], None) if False else _compile_error(
-            q, k, v, {"attncc": 1, "rules": [rule]}
-        )
+        _compile_error(q, k, v, {"attncc": 1, "rules": [rule]})
 
 
 def _compile_error(q, k, v, spec):
