@@ -234,7 +234,7 @@ class Window(Mask):
         return _in_range(dmin, dmax, -self.after, self.before)
 
     def triton(self):
-        return f"((q_pos - kv_pos) <= {self.before}) & ((kv_pos - q_pos) <= {self.after})"
+        return f"(((q_pos - kv_pos) <= {self.before}) & ((kv_pos - q_pos) <= {self.after}))"
 
     def to_spec(self):
         if self.after == 0:
@@ -530,10 +530,11 @@ class Tile3D(Mask):
         _, gh, gw = self.grid
         wt, wh, ww = self.window
         hw = gh * gw
+        # parenthesised whole: `not` and `any` wrap it as one operand
         return (
-            f"(tl.abs(q_pos // {hw} - kv_pos // {hw}) <= {wt}) & "
+            f"((tl.abs(q_pos // {hw} - kv_pos // {hw}) <= {wt}) & "
             f"(tl.abs((q_pos // {gw}) % {gh} - (kv_pos // {gw}) % {gh}) <= {wh}) & "
-            f"(tl.abs(q_pos % {gw} - kv_pos % {gw}) <= {ww})"
+            f"(tl.abs(q_pos % {gw} - kv_pos % {gw}) <= {ww}))"
         )
 
     def to_spec(self):
