@@ -4,6 +4,7 @@ imported once per target (``interpret`` or ``cuda``) per process."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import os
@@ -35,10 +36,16 @@ def default_cache_dir() -> pathlib.Path:
         return pathlib.Path(tempfile.gettempdir()) / "attncc-cache"
 
 
+@functools.lru_cache(maxsize=1)
 def _generator_digest() -> str:
-    """Hash of the generator's own source: a changed template never reuses a stale file."""
-    text = pathlib.Path(__file__).with_name("generate.py").read_bytes()
-    return hashlib.sha256(text).hexdigest()[:8]
+    """Hash of the code that writes kernel text (the templates and the mask predicates): a
+    changed generator never reuses a stale file."""
+    import attncc.masks
+
+    h = hashlib.sha256()
+    for path in (pathlib.Path(__file__).with_name("generate.py"), pathlib.Path(attncc.masks.__file__)):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:8]
 
 
 @contextlib.contextmanager

@@ -130,6 +130,8 @@ MASK_CASES = {
     "power4": M.Power(4),
     "random_blocks2": M.RandomBlocks(2, seed=3, block=16),
     "not_causal": M.Not(M.Causal()),  # the last row sees no key: zeros and lse = -inf
+    "not_window8": M.Not(M.Window(7, 0)),
+    "not_tile3d": M.Not(M.Tile3D((3, 5, 5), (0, 1, 1))),
     "causal_and_streaming": M.All((M.Causal(), M.Any_((M.Sink(2), M.Window(10, 0))))),
 }
 

@@ -32,7 +32,7 @@ def _mask(q_pos, kv_pos, off_h, KV_LEN, PROGRAM):
     program 1 (heads 2-3): {any: [{sink: 4}, {window: 64}]}
     """
     allowed_0 = (kv_pos <= q_pos)
-    allowed_1 = ((kv_pos < 4) | ((q_pos - kv_pos) <= 63) & ((kv_pos - q_pos) <= 0))
+    allowed_1 = ((kv_pos < 4) | (((q_pos - kv_pos) <= 63) & ((kv_pos - q_pos) <= 0)))
     return tl.where(PROGRAM == 0, allowed_0, allowed_1)
 
 
