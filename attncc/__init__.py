@@ -37,3 +37,24 @@ def dense_mask(spec, q_len: int, kv_len: int | None = None, num_heads: int = 1, 
         except MaskError as e:
             raise spec.error(e.message, ("rules", i, "mask")) from None
     return out
+
+
+from attncc.counters import counters  # noqa: E402
+
+__all__ += ["explain", "Report", "counters"]
+
+
+def explain(model, *args, spec=None, **kwargs):
+    """What the compiler does to each attention of ``model(*args, **kwargs)``: a :class:`Report`
+    (no attention is computed). See :func:`attncc.explain.explain`."""
+    from attncc.explain import explain as _explain
+
+    return _explain(model, *args, spec=spec, **kwargs)
+
+
+def __getattr__(name):
+    if name == "Report":
+        from attncc.explain import Report
+
+        return Report
+    raise AttributeError(f"module 'attncc' has no attribute '{name}'")
