@@ -8,6 +8,7 @@ zero gradient. An additive mask tensor is treated as a constant: it gets no grad
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -162,15 +163,19 @@ def _contiguous(t: BlockTable) -> BlockTable:
 _KERNEL_DIR = os.path.join(tempfile.gettempdir(), "attncc_kernels")
 
 
-def triton_mode() -> str:
-    """``"interpret"`` or ``"compile"``: how ``triton.jit`` builds kernels in this process. Triton
-    fixes this when it is first imported (``TRITON_INTERPRET=1``), so an interpreter run is
-    possible only if that variable was set before; when triton is not imported yet it is set here."""
-    if "triton" not in sys.modules and os.environ.get("TRITON_INTERPRET") is None and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-    import triton.language as tl
-
-    return "interpret" if type(tl.sum).__name__ == "InterpretedFunction" else "compile"
+@contextlib.contextmanager
+def _interpret_env(on: bool):
+    """``TRITON_INTERPRET`` as ``on`` while a generated module is imported: ``@triton.jit`` picks
+    the interpreter or the compiler at decoration time, so each target gets its own module."""
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
 
 
 def backward_source_path(plan: AttentionPlan) -> str:
@@ -189,17 +194,24 @@ def backward_source_path(plan: AttentionPlan) -> str:
 
 
 @functools.lru_cache(maxsize=128)
-def load_backward_module(plan: AttentionPlan) -> ModuleType:
-    """Import the plan's generated backward module, cached per source file."""
+def load_backward_module(plan: AttentionPlan, target: str) -> ModuleType:
+    """Import the plan's generated backward module for ``target`` (``interpret`` or ``cuda``),
+    once per source file and target."""
+    if target not in ("interpret", "cuda"):
+        raise ValueError(f"unknown kernel target '{target}'; expected 'interpret' or 'cuda'")
     path = backward_source_path(plan)
-    mod_name = f"attncc_generated.{os.path.basename(path)[:-3]}"
+    mod_name = f"attncc_generated.{target}.{os.path.basename(path)[:-3]}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]
     spec = importlib.util.spec_from_file_location(mod_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
+    # triton itself must be imported in its ordinary mode, outside the switch below
+    import triton.language  # noqa: F401
+
+    with _interpret_env(target == "interpret"):
+        spec.loader.exec_module(module)
     return module
 
 
@@ -384,17 +396,6 @@ def _backward_triton(
                 f"'{'interpret' if interpret else 'triton'}' needs a static block table "
                 "(use executor='reference')"
             )
-    mode = triton_mode()
-    if interpret and mode != "interpret":
-        raise RuntimeError(
-            "executor 'interpret' needs TRITON_INTERPRET=1 in the environment before triton is "
-            "first imported; this process imported triton in compile mode"
-        )
-    if not interpret and mode != "compile":
-        raise RuntimeError(
-            "executor 'triton' cannot run: TRITON_INTERPRET=1 put triton in interpreter mode "
-            "(use executor='interpret' on CPU tensors)"
-        )
     if interpret and q.device.type != "cpu":
         raise ValueError(
             f"executor 'interpret' runs the Triton interpreter on CPU tensors; got {q.device} (use executor='triton')"
@@ -405,7 +406,7 @@ def _backward_triton(
         raise ValueError(f"block sizes {plan.block_q}x{plan.block_kv}: the kernels need blocks of at least 16")
     if q.dtype == torch.float64:
         raise ValueError("the Triton backward kernels take fp32/fp16/bf16; use executor='reference' for fp64")
-    module = load_backward_module(plan)
+    module = load_backward_module(plan, "interpret" if interpret else "cuda")
     names = kernel_names(plan)
     dev = q.device
     tables = _tables(plan, dev)

@@ -81,7 +81,10 @@ def {name}(
                 mask=ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + off_b * stride_dob + off_h * stride_doh + rows64[:, None] * stride_dom + cols[None, :],
                  mask=ok, other=0.0).to(tl.float32)
-    tl.store(Delta + off_bh * Q_LEN + rows64, tl.sum(o * do, 1), mask=rows < Q_LEN)
+    # tl.reduce with the standard combine function is what tl.sum compiles to; the interpreter also
+    # runs it when it was switched on after triton was imported (tl.sum itself it cannot)
+    delta = tl.reduce(o * do, 1, _sum_combine)  # [BM]
+    tl.store(Delta + off_bh * Q_LEN + rows64, delta, mask=rows < Q_LEN)
 '''
 
 # One (query block, kv block) pair of the dK/dV kernel. APPLY_MASK is set for partial blocks
@@ -189,8 +192,8 @@ def {name}(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
 
     for g in range(GROUP):
         off_h = off_hkv * GROUP + g
@@ -334,7 +337,7 @@ def {name}(
     # a row with no key has lse = -inf and zero gradient: +inf makes its P exactly 0
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + row_off, mask=q_ok, other=0.0)  # [BM]
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
 
     table_row = prog * NUM_Q_BLOCKS + pid_m
     n_partial = tl.load(PartialNum + table_row)
@@ -388,6 +391,8 @@ def backward_source(plan: AttentionPlan) -> str:
         "# generated source: dQ and dK/dV recompute P = exp(scale * q.k - lse) per visited block",
         "import triton",
         "import triton.language as tl",
+        "",
+        "_sum_combine = tl.standard._sum_combine",
         "",
     ]
     parts = ["\n".join(header)]

@@ -8,24 +8,19 @@ fp32 1e-4; fp16 2e-2 and bf16 6e-2, dominated by ``out`` being stored in the low
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from attncc.codegen.backward import (  # noqa: E402
+import pytest
+import torch
+from attncc.codegen.backward import (
     attention,
     attention_backward,
-    triton_mode,
     write_backward_kernels,
 )
-from attncc.codegen.backward_gen import backward_source, kernel_names  # noqa: E402
-from attncc.codegen.reference import attention_reference  # noqa: E402
+from attncc.codegen.backward_gen import backward_source, kernel_names
+from attncc.codegen.reference import attention_reference
 
-from attncc import masks as M  # noqa: E402
-from attncc.permute import TilePermutation  # noqa: E402
-from attncc.plan import AttentionPlan  # noqa: E402
+from attncc import masks as M
+from attncc.permute import TilePermutation
+from attncc.plan import AttentionPlan
 
 CAUSAL = M.Causal()
 STREAMING = M.conj(CAUSAL, M.Any_((M.Sink(4), M.Window(15, 0))))
@@ -133,13 +128,6 @@ def run_case(plan, executor, *, batch=1, dtype=torch.float32, mask_tensor=None, 
         assert torch.equal(visits["dq"], expect)
         assert torch.equal(visits["dkdv"], expect)
     return got
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_mode():
-    if torch.cuda.is_available() and triton_mode() == "compile":
-        pytest.skip("these tests run the kernels under the Triton interpreter")
-    assert triton_mode() == "interpret", "TRITON_INTERPRET=1 must be set before triton is imported"
 
 
 EXECUTORS = ["interpret", "torch"]
