@@ -6,7 +6,10 @@ Every mask node has three faces that must agree exactly:
   position tensors (the ground truth every kernel is tested against);
 * ``bounds(qb, kb)``: conservative block bounds, ``(may, must)`` bool tensors
   over block pairs: ``may`` False proves no pair in the block is allowed,
-  ``must`` True proves every pair is allowed (closed form, no S x S);
+  ``must`` True proves every pair is allowed (closed form, no S x S). They only
+  read ``lo``/``hi`` (attained min/max positions), ``box`` and ``length``, so
+  they hold for any token set so summarised (a block, a group of blocks, a
+  permuted tile); ``tight`` says when they are exact (see :class:`Mask`);
 * ``triton()``: a Triton expression over ``q_pos`` ``[BM, 1]``, ``kv_pos``
   ``[1, BN]`` (int64 token positions in model order, never negative), ``off_h``
   (the query head) and ``KV_LEN``; it broadcasts to ``[BM, BN]`` (it may be
@@ -42,15 +45,21 @@ class Blocks:
 
     ``lo``/``hi`` are the min/max original positions in each block (inclusive);
     ``pos`` is ``[nblocks, B]`` original positions, -1 past the sequence end.
+    ``boxes`` optionally holds precomputed ``(grid, box(grid))`` entries shaped like
+    ``lo`` (the block classifier summarises groups of blocks this way, without ``pos``).
     """
 
     lo: Tensor
     hi: Tensor
     pos: Tensor
     length: int
+    boxes: tuple[tuple[tuple[int, int, int], tuple[Tensor, ...]], ...] = ()
 
     def box(self, grid: tuple[int, int, int]) -> tuple[Tensor, ...]:
         """Per-block (t_lo, t_hi, h_lo, h_hi, w_lo, w_hi) over a row-major T x H x W grid."""
+        for g, box in self.boxes:
+            if g == grid:
+                return box
         _, gh, gw = grid
         valid = self.pos >= 0
         p = self.pos.clamp(min=0)
@@ -64,7 +73,8 @@ class Blocks:
 
     def view(self, rows: bool) -> Blocks:
         shape = (-1, 1) if rows else (1, -1)
-        return Blocks(self.lo.view(shape), self.hi.view(shape), self.pos, self.length)
+        boxes = tuple((g, tuple(t.reshape(shape) for t in box)) for g, box in self.boxes)
+        return Blocks(self.lo.view(shape), self.hi.view(shape), self.pos, self.length, boxes)
 
 
 class Mask:
@@ -75,6 +85,13 @@ class Mask:
     dynamic: ClassVar[bool] = False
     #: True when the predicate depends on the head index.
     uses_head: ClassVar[bool] = False
+    #: When ``bounds`` is exact, i.e. ``may`` True proves some pair is allowed and ``must``
+    #: False proves some pair is not: "always" (for any token sets: the bounds read attained
+    #: positions only), "contiguous" (when both token sets are runs of consecutive positions),
+    #: "box" (when both sets fill their grid boxes, see Tile3D) or "" (never).
+    tight: ClassVar[str] = ""
+    #: True when the predicate reads only d = q - kv (composites: when all children do).
+    distance_only: ClassVar[bool] = False
 
     def dense(self, h: Tensor, q: Tensor, kv: Tensor, q_len: int, kv_len: int) -> Tensor:
         raise NotImplementedError
@@ -103,6 +120,11 @@ class Mask:
     @property
     def depends_on_head(self) -> bool:
         return any(m.uses_head for m in self.walk())
+
+    @property
+    def reads_distance_only(self) -> bool:
+        """True when the whole predicate is a function of q - kv alone."""
+        return all(m.distance_only for m in self.walk())
 
     @property
     def name(self) -> str:
@@ -182,6 +204,8 @@ class Full(Mask):
     """Every pair: true."""
 
     kind: ClassVar[str] = "full"
+    tight: ClassVar[str] = "always"
+    distance_only: ClassVar[bool] = True
 
     def dense(self, h, q, kv, q_len, kv_len):
         return _on_grid(h, q, kv, True)
@@ -202,6 +226,8 @@ class Causal(Mask):
     """kv <= q."""
 
     kind: ClassVar[str] = "causal"
+    tight: ClassVar[str] = "always"
+    distance_only: ClassVar[bool] = True
 
     def dense(self, h, q, kv, q_len, kv_len):
         return _on_grid(h, q, kv, kv <= q)
@@ -224,6 +250,8 @@ class Window(Mask):
     before: int
     after: int
     kind: ClassVar[str] = "window"
+    tight: ClassVar[str] = "contiguous"
+    distance_only: ClassVar[bool] = True
 
     def dense(self, h, q, kv, q_len, kv_len):
         d = q - kv
@@ -252,6 +280,7 @@ class Sink(Mask):
 
     n: int
     kind: ClassVar[str] = "sink"
+    tight: ClassVar[str] = "always"
 
     def dense(self, h, q, kv, q_len, kv_len):
         return _on_grid(h, q, kv, kv < self.n)
@@ -290,6 +319,7 @@ class Global(Mask):
 
     n: int
     kind: ClassVar[str] = "global"
+    tight: ClassVar[str] = "always"
 
     def dense(self, h, q, kv, q_len, kv_len):
         return _on_grid(h, q, kv, (q < self.n) | (kv < self.n))
@@ -314,6 +344,7 @@ class Chunk(Mask):
 
     size: int
     kind: ClassVar[str] = "chunk"
+    tight: ClassVar[str] = "contiguous"
 
     def dense(self, h, q, kv, q_len, kv_len):
         return _on_grid(h, q, kv, q // self.size == kv // self.size)
@@ -342,6 +373,7 @@ class BlockCausal(Mask):
 
     size: int
     kind: ClassVar[str] = "block_causal"
+    tight: ClassVar[str] = "always"
 
     def dense(self, h, q, kv, q_len, kv_len):
         return _on_grid(h, q, kv, kv // self.size <= q // self.size)
@@ -367,6 +399,8 @@ class Strided(Mask):
 
     stride: int
     kind: ClassVar[str] = "strided"
+    tight: ClassVar[str] = "contiguous"
+    distance_only: ClassVar[bool] = True
 
     def dense(self, h, q, kv, q_len, kv_len):
         return _on_grid(h, q, kv, (q - kv) % self.stride == 0)
@@ -401,6 +435,7 @@ class Power(Mask):
 
     local: int
     kind: ClassVar[str] = "power"
+    distance_only: ClassVar[bool] = True
 
     def dense(self, h, q, kv, q_len, kv_len):
         d = q - kv
@@ -497,6 +532,7 @@ class Tile3D(Mask):
     grid: tuple[int, int, int]
     window: tuple[int, int, int]
     kind: ClassVar[str] = "tile3d"
+    tight: ClassVar[str] = "box"
 
     def _coords(self, p):
         _, gh, gw = self.grid
@@ -518,9 +554,10 @@ class Tile3D(Mask):
     def bounds(self, qb, kb, h):
         qbox, kbox = qb.box(self.grid), kb.box(self.grid)
         may = must = None
+        qs, ks = qb.lo.shape, kb.lo.shape
         for axis, w in enumerate(self.window):
-            qlo, qhi = qbox[2 * axis].view(-1, 1), qbox[2 * axis + 1].view(-1, 1)
-            klo, khi = kbox[2 * axis].view(1, -1), kbox[2 * axis + 1].view(1, -1)
+            qlo, qhi = qbox[2 * axis].reshape(qs), qbox[2 * axis + 1].reshape(qs)
+            klo, khi = kbox[2 * axis].reshape(ks), kbox[2 * axis + 1].reshape(ks)
             a_may, a_must = _in_range(qlo - khi, qhi - klo, -w, w)
             may = a_may if may is None else may & a_may
             must = a_must if must is None else must & a_must
@@ -549,6 +586,7 @@ class Tile3D(Mask):
 class All(Mask):
     items: tuple[Mask, ...]
     kind: ClassVar[str] = "all"
+    distance_only: ClassVar[bool] = True
 
     def children(self):
         return self.items
@@ -581,6 +619,7 @@ class All(Mask):
 class Any_(Mask):
     items: tuple[Mask, ...]
     kind: ClassVar[str] = "any"
+    distance_only: ClassVar[bool] = True
 
     def children(self):
         return self.items
@@ -613,6 +652,7 @@ class Any_(Mask):
 class Not(Mask):
     item: Mask
     kind: ClassVar[str] = "not"
+    distance_only: ClassVar[bool] = True
 
     def children(self):
         return (self.item,)

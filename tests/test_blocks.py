@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_masks import compositions, primitives
 
+from attncc import blocks
 from attncc import masks as M
-from attncc.blocks import EMPTY, FULL, PARTIAL, build_block_table, classify
+from attncc.blocks import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    build_block_table,
+    classify,
+    classify_rows,
+    count_allowed,
+    token_blocks,
+)
 from attncc.permute import TilePermutation
 
 
@@ -79,3 +94,92 @@ def test_large_banded_mask_classifies_in_closed_form_without_dense_memory():
     assert (
         row[1000 - 63 : 1000].eq(FULL).all() and row[1000 - 64].item() == PARTIAL and row[2 : 1000 - 64].eq(EMPTY).all()
     )
+
+
+# -- coarse-to-fine classification against the brute-force path (bounds on every block pair) ---------------
+
+COARSE = settings(
+    max_examples=80,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def brute_force_map(mask, q_len, kv_len, bq, bkv, head, order, q_offset):
+    qb = token_blocks(q_len, bq, order, q_offset)
+    kb = token_blocks(kv_len, bkv, order)
+    return torch.cat([lab for _, lab in classify_rows(mask, qb, kb, head, q_len, kv_len)], 0)
+
+
+def check_against_brute_force(mask, q_len, kv_len, bq, bkv, head=0, order=None, q_offset=0):
+    expected = brute_force_map(mask, q_len, kv_len, bq, bkv, head, order, q_offset)
+    got = classify(mask, q_len, kv_len, bq, bkv, head, order, order, q_offset)
+    bad = (got != expected).nonzero()
+    assert bad.numel() == 0, (
+        f"{mask}: block {bad[0].tolist()} got {got[tuple(bad[0])]}, brute force {expected[tuple(bad[0])]}"
+    )
+    table = build_block_table([mask], [head], q_len, kv_len, bq, bkv, order, order, q_offset)
+    nk = expected.shape[1]
+    assert torch.equal(table_to_map(table.kv_num_blocks[0], table.kv_indices[0], nk), expected == PARTIAL)
+    assert torch.equal(table_to_map(table.full_num_blocks[0], table.full_indices[0], nk), expected == FULL)
+    total, counts = count_allowed(mask, q_len, kv_len, bq, bkv, head, order, order, q_offset)
+    assert counts.tolist() == [int((expected == c).sum()) for c in (EMPTY, PARTIAL, FULL)]
+    assert total == int(M.dense(mask, q_len, kv_len, heads=[head], q_offset=q_offset).sum())
+
+
+def small_levels(fanout: int, top_pairs: int):
+    """Shrink the super-block fan-out and the top level so that small maps use several levels."""
+    return mock.patch.multiple(blocks, _FANOUT=fanout, _TOP_PAIRS=top_pairs, _CHILD_PAIRS=fanout * fanout * 40)
+
+
+LEVELS = st.sampled_from([(2, 1), (3, 2), (8, 4)])
+
+
+@COARSE
+@given(
+    mask=compositions(primitives(600)),
+    q_len=st.one_of(st.sampled_from([1, 63, 65, 500]), st.integers(1, 600)),
+    kv_len=st.one_of(st.sampled_from([1, 63, 65, 500]), st.integers(1, 600)),
+    blocks_=st.sampled_from([(16, 16), (16, 32), (32, 16), (64, 64)]),
+    head=st.integers(0, 3),
+    levels=LEVELS,
+    data=st.data(),
+)
+def test_coarse_to_fine_matches_brute_force(mask, q_len, kv_len, blocks_, head, levels, data):
+    q_offset = data.draw(st.integers(0, kv_len - q_len)) if kv_len > q_len else 0
+    with small_levels(*levels):
+        check_against_brute_force(mask, q_len, kv_len, *blocks_, head=head, q_offset=q_offset)
+
+
+PERMUTED = [
+    ((4, 8, 16), (2, 4, 4)),
+    ((3, 6, 10), (1, 3, 5)),
+    ((2, 16, 16), (1, 4, 8)),
+]
+
+
+@settings(COARSE, max_examples=40)
+@given(grid_tile=st.sampled_from(PERMUTED), permuted=st.booleans(), levels=LEVELS, data=st.data())
+def test_coarse_to_fine_matches_brute_force_tile3d_and_permutation(grid_tile, permuted, levels, data):
+    grid, tile = grid_tile
+    n = grid[0] * grid[1] * grid[2]
+    tile3d = st.tuples(*(st.integers(0, g) for g in grid)).map(lambda w: M.Tile3D(grid, w))
+    mask = data.draw(compositions(st.one_of(tile3d, primitives(n))))
+    order = TilePermutation(grid, tile).index() if permuted else None
+    bq, bkv = data.draw(st.sampled_from([(8, 8), (16, 32), (32, 16)]))
+    with small_levels(*levels):
+        check_against_brute_force(mask, n, n, bq, bkv, order=order)
+
+
+def test_large_maps_settle_super_blocks_without_bounding_every_pair():
+    """1M tokens: a sliding window settles whole empty and full super-blocks, so only the band's
+    edges reach the kernel's blocks (bounding every pair would need 268M bounds)."""
+    mask = M.All((M.Causal(), M.Window(4095, 0)))
+    n, nb = 1 << 20, 1 << 14
+    total, counts = count_allowed(mask, n, n, 64, 64)
+    # query q sees min(q + 1, 4096) keys
+    assert total == 4096 * 4097 // 2 + (n - 4096) * 4096
+    # block row i: the diagonal block and (from row 64 on) the block 64 back are partial, those between full
+    partial, full = nb + (nb - 64), sum(range(64)) + (nb - 64) * 63
+    assert counts.tolist() == [nb * nb - partial - full, partial, full]
