@@ -267,11 +267,17 @@ def backward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike
     names = kernel_names(plan)
     consts = backward_constexprs(plan)
     sigs = backward_signatures(plan)
-    warps = 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4
     roles = ("preprocess", "dkdv", "dq")
-    return [
-        Job(path, names[r], sigs[r], consts[r], arch, str(out_dir), warps, 1 if r == "preprocess" else 2) for r in roles
-    ]
+    return [Job(path, names[r], sigs[r], consts[r], arch, str(out_dir), **launch_options(plan, r)) for r in roles]
+
+
+def launch_options(plan: AttentionPlan, role: str) -> dict[str, int]:
+    """``num_warps`` / ``num_stages`` of a backward kernel (the launcher and the AOT compiles agree).
+    Not tuned on hardware yet: the forward's rule, more warps past head dim 128."""
+    return {
+        "num_warps": 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4,
+        "num_stages": 1 if role == "preprocess" else 2,
+    }
 
 
 def write_backward_kernels(
@@ -440,7 +446,15 @@ def _backward_triton(
 
     delta = torch.empty(bsz, h, plan.q_len, dtype=torch.float32, device=dev)
     preprocess, dkdv, dq_kernel = (getattr(module, names[n]) for n in ("preprocess", "dkdv", "dq"))
-    preprocess[(nq, bsz * h)](out, dout, delta, *out.stride()[:3], *dout.stride()[:3], **consts["preprocess"])
+    preprocess[(nq, bsz * h)](
+        out,
+        dout,
+        delta,
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        **consts["preprocess"],
+        **launch_options(plan, "preprocess"),
+    )
     # dK/dV: one program per (kv block, batch x kv head), walking the transposed table
     dkdv[(nk, bsz * hkv)](
         q,
@@ -469,6 +483,7 @@ def _backward_triton(
         *mask_strides,
         plan.scale,
         **consts["dkdv"],
+        **launch_options(plan, "dkdv"),
     )
     # dQ: one program per (query block, batch x head), walking the forward table
     dq_kernel[(nq, bsz * h)](
@@ -496,6 +511,7 @@ def _backward_triton(
         *mask_strides,
         plan.scale,
         **consts["dq"],
+        **launch_options(plan, "dq"),
     )
     if count:
         visits["dkdv"] = visit_dkdv.view(bsz, h, nq, nk)
