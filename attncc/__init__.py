@@ -52,9 +52,25 @@ def explain(model, *args, spec=None, **kwargs):
     return _explain(model, *args, spec=spec, **kwargs)
 
 
+__all__ += ["SelectionCache", "reset_selection", "default_selection_cache"]
+
+
+def reset_selection(cache=None) -> None:
+    """Restart call reuse (``reuse: {dense_first, refresh_every}``) of every site compiled with
+    ``cache`` (an :class:`attncc.SelectionCache`; default: the process-wide one) at call 0.
+    See :func:`attncc.selection_cache.reset_selection`."""
+    from attncc.selection_cache import reset_selection as _reset
+
+    _reset(cache)
+
+
 def __getattr__(name):
     if name == "Report":
         from attncc.explain import Report
 
         return Report
+    if name in ("SelectionCache", "default_selection_cache"):
+        from attncc import selection_cache
+
+        return getattr(selection_cache, name)
     raise AttributeError(f"module 'attncc' has no attribute '{name}'")

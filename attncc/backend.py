@@ -23,7 +23,7 @@ from attncc.spec import Spec, load_spec
 
 log = logging.getLogger("attncc")
 
-_OPTIONS = ("spec", "dump_dir", "executor", "inner", "strict")
+_OPTIONS = ("spec", "dump_dir", "executor", "inner", "strict", "selection_cache")
 _INNERS = ("inductor", "eager")
 _graph_counter = 0
 
@@ -37,6 +37,8 @@ class Options:
     executor: str
     inner: str
     strict: bool
+    # call reuse state (attncc.SelectionCache); None: the process-wide default
+    selection_cache: Any = None
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> Options:
@@ -54,12 +56,19 @@ class Options:
         if inner not in _INNERS:
             raise ValueError(f"attncc option inner={inner!r}: expected one of {', '.join(_INNERS)}")
         dump = options.get("dump_dir", config.dump_dir)
+        cache = options.get("selection_cache")
+        if cache is not None:
+            from attncc.selection_cache import SelectionCache
+
+            if not isinstance(cache, SelectionCache):
+                raise ValueError(f"attncc option selection_cache: expected an attncc.SelectionCache, got {cache!r}")
         return cls(
             load_spec(spec_src),
             str(dump) if dump else None,
             executor,
             inner,
             bool(options.get("strict", config.strict)),
+            cache,
         )
 
 
@@ -154,7 +163,7 @@ def manifest(st: pipeline.PipelineState) -> dict:
 
 def run_pipeline(gm: fx.GraphModule, opts: Options, stop_after: str | None = None) -> pipeline.PipelineState:
     setup_logging()
-    st = pipeline.PipelineState(opts.spec, opts.executor, opts.strict)
+    st = pipeline.PipelineState(opts.spec, opts.executor, opts.strict, selection_cache=opts.selection_cache)
     dumper = Dumper(opts.dump_dir, gm) if opts.dump_dir else None
     pipeline.run(gm, st, stop_after, dumper.stage if dumper else None)
     counters["graphs"] += 1

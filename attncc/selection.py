@@ -174,3 +174,101 @@ def selector_problem(masks: list[M.Mask], block_q: int, block_kv: int, permuted:
                 "(selection runs in model order)"
             )
     return None
+
+
+def _rule_masks(spec, index: int) -> list[M.Mask]:
+    base, overrides = spec._rule_masks[index]
+    return [base] + [m for _, _, m in overrides]
+
+
+def _has_selector(spec, index: int) -> bool:
+    return any(m.is_dynamic for m in _rule_masks(spec, index))
+
+
+def _rule_index(spec, name: str) -> int | None:
+    for j in range(len(spec.rules)):
+        if spec.rule_name(j) == name:
+            return j
+    return None
+
+
+def runtime_problem(spec, index: int) -> tuple[str, tuple] | None:
+    """Why rule ``index``'s ``reuse`` or ``permute.by`` cannot run as written, as (what, key path),
+    or None. Checks what the spec alone decides; what depends on the bound sites (a producer
+    before the consumer, equal shapes, the executor) is checked by the ``reuse`` pass."""
+    rule = spec.rules[index]
+    reuse, permute = rule.reuse, rule.permute
+    by = permute is not None and permute.by is not None
+    reuse_path = ("rules", index, "reuse")
+    if reuse is not None:
+
+        def bad(why: str, *key: str) -> tuple[str, tuple]:
+            return f"'reuse' of a block selection ({why})", reuse_path + key
+
+        across_calls = reuse.dense_first is not None or reuse.refresh_every is not None
+        if reuse.from_ is None and not across_calls:
+            return bad(
+                "give 'from' (a rule name or layer: reuse across layers) "
+                "or 'dense_first' / 'refresh_every' (across calls)"
+            )
+        if reuse.from_ is not None and across_calls:
+            return bad(
+                "'from' (across layers) and 'dense_first' / 'refresh_every' (across calls) "
+                "cannot be combined in one rule"
+            )
+        if not _has_selector(spec, index):
+            return bad("the rule's mask has no topk/threshold selector for a reused selection to stand for")
+        if by:
+            return bad("a reused selection cannot be combined with a run-time permutation 'permute.by'")
+        if isinstance(reuse.from_, str):
+            names = [spec.rule_name(j) for j in range(len(spec.rules))]
+            j = _rule_index(spec, reuse.from_)
+            if j is None:
+                close = [n for n in names if n.lower() == reuse.from_.lower()]
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                return bad(f"no rule is named '{reuse.from_}'{hint}; rules: {', '.join(names)}", "from")
+            if j == index:
+                return bad("a rule cannot reuse its own selection; name the rule that computes it", "from")
+            src = spec.rules[j]
+            if not _has_selector(spec, j):
+                return bad(f"rule '{reuse.from_}' has no topk/threshold selector, so it computes no selection", "from")
+            if src.reuse is not None and (src.reuse.dense_first is not None or src.reuse.refresh_every is not None):
+                return bad(
+                    f"rule '{reuse.from_}' reuses its selection across calls; reuse across layers "
+                    "needs a rule that selects on every call",
+                    "from",
+                )
+            if src.permute is not None and src.permute.by is not None:
+                return bad(
+                    f"rule '{reuse.from_}' selects in a run-time key order that does not carry over to another layer",
+                    "from",
+                )
+    if by:
+        path = ("rules", index, "permute")
+
+        def bad_perm(why: str, *key: str) -> tuple[str, tuple]:
+            return f"the run-time permutation 'by: {permute.by}' ({why})", path + key  # type: ignore[union-attr]
+
+        if permute.segment is None:  # type: ignore[union-attr]
+            return bad_perm("give 'segment': keys are sorted inside consecutive segments of that many tokens", "by")
+        if not _has_selector(spec, index):
+            return bad_perm(
+                "the rule's mask has no topk/threshold selector to run in the permuted order; "
+                "without one the key order changes nothing",
+                "by",
+            )
+        segment = permute.segment  # type: ignore[union-attr]
+        block_q, block_kv = spec.block_sizes(index)
+        for mask in _rule_masks(spec, index):
+            for sel in selectors_of(mask):
+                try:
+                    cfg = resolve_selector(sel, block_q, block_kv)
+                except SelectorError:
+                    continue  # reported by selector_problem
+                if segment % cfg.block:
+                    return bad_perm(
+                        f"segment {segment} must be a multiple of the selector block {cfg.block} so every "
+                        f"selected block lies inside one segment",
+                        "segment",
+                    )
+    return None

@@ -638,10 +638,10 @@ class ResolvedPolicy:
 def check_executable(spec: Spec, rule_index: int) -> None:
     """Raise a SpecError naming the rule if it uses a construct spec v1 validates but this
     attncc cannot run yet: a data-dependent selector (``topk``/``threshold``) that
-    :func:`attncc.selection.selector_problem` rejects, a run-time
-    permutation (``permute.by``) or ``reuse``. Binding such a rule must fail at compile
-    time; it is never run dense instead."""
-    from attncc.selection import selector_problem, selectors_of
+    :func:`attncc.selection.selector_problem` rejects, or a run-time permutation
+    (``permute.by``) or ``reuse`` that :func:`attncc.selection.runtime_problem` rejects.
+    Binding such a rule must fail at compile time; it is never run dense instead."""
+    from attncc.selection import runtime_problem, selector_problem, selectors_of
 
     rule = spec.rules[rule_index]
     name = spec.rule_name(rule_index)
@@ -656,10 +656,10 @@ def check_executable(spec: Spec, rule_index: int) -> None:
         problem = selector_problem([mask], block_q, block_kv, permuted) if mask.is_dynamic else None
         if problem is not None:
             found.append((f"the data-dependent selector '{selectors_of(mask)[0].name}' ({problem})", path))
-    if rule.permute is not None and rule.permute.by is not None:
-        found.append((f"the run-time permutation 'by: {rule.permute.by}'", ("rules", rule_index, "permute", "by")))
-    if rule.reuse is not None:
-        found.append(("'reuse' of a block selection", ("rules", rule_index, "reuse")))
+    # reuse across layers/calls and run-time permutations run (attncc.selection.runtime_problem)
+    runtime = runtime_problem(spec, rule_index)
+    if runtime is not None:
+        found.append(runtime)
     if found:
         what, path = found[0]
         raise spec.error(

@@ -141,10 +141,11 @@ def _feature_scale(cfg: SelectorConfig, scale: float) -> float:
 def block_logits_reference(
     qf: Tensor, kf: Tensor, kv_head: Tensor, cand: Tensor, cfg: SelectorConfig, scale: float
 ) -> Tensor:
-    """``[B, H, nI, nJ]`` fp32 block logits (``-inf`` off the candidates)."""
+    """``[B, H, nI, nJ]`` fp32 block logits (``-inf`` off the candidates ``cand``: ``[nI, nJ]``
+    or per row ``[B, H, nI, nJ]``)."""
     b, h, nr, _ = qf.shape
     nc = kf.shape[2]
-    ni, nj = cand.shape
+    ni, nj = cand.shape[-2:]
     r = cfg.rows_per_block
     kf_h = kf[:, kv_head.long()]
     s = torch.matmul(qf, kf_h.transpose(-1, -2)) * _feature_scale(cfg, scale)  # [B, H, nr, nc]
@@ -359,11 +360,9 @@ def select_blocks(plan: AttentionPlan, q: Tensor, k: Tensor, backend: str = "tor
     return (selected, all_logits) if with_logits else selected
 
 
-def dense_selected_mask(plan: AttentionPlan, selected: Tensor) -> Tensor:
-    """``[B, H, Sq, Skv]`` bool: the plan's mask under the selection ``selected [B, H, nq, nk]``
-    (kernel blocks): ``when_selected`` on selected block pairs, ``when_not`` elsewhere."""
+def _split_masks(plan: AttentionPlan, dev) -> tuple[Tensor, Tensor]:
+    """``[H, Sq, Skv]`` bool masks (model order) of ``when_selected`` and ``when_not`` per head."""
     lay = layout(plan)
-    dev = selected.device
     m_sel = torch.empty(plan.num_heads, plan.q_len, plan.kv_len, dtype=torch.bool, device=dev)
     m_not = torch.empty_like(m_sel)
     for p, split in enumerate(lay.splits):
@@ -371,6 +370,14 @@ def dense_selected_mask(plan: AttentionPlan, selected: Tensor) -> Tensor:
         args = (plan.q_len, plan.kv_len)
         m_sel[heads] = M.dense(split.when_selected, *args, heads=heads, q_offset=plan.q_offset, device=dev)
         m_not[heads] = M.dense(split.when_not, *args, heads=heads, q_offset=plan.q_offset, device=dev)
+    return m_sel, m_not
+
+
+def dense_selected_mask(plan: AttentionPlan, selected: Tensor) -> Tensor:
+    """``[B, H, Sq, Skv]`` bool: the plan's mask under the selection ``selected [B, H, nq, nk]``
+    (kernel blocks): ``when_selected`` on selected block pairs, ``when_not`` elsewhere."""
+    dev = selected.device
+    m_sel, m_not = _split_masks(plan, dev)
     rows = torch.arange(plan.q_len, device=dev) // plan.block_q
     cols = torch.arange(plan.kv_len, device=dev) // plan.block_kv
     tok = selected.index_select(-2, rows).index_select(-1, cols)
@@ -406,17 +413,7 @@ def attend(
 ) -> tuple[Tensor, Tensor]:
     """Attention of a dynamic plan under a given selection ``[B, H, nq, nk]``."""
     if executor in ("torch", "reference"):
-        from attncc.codegen.reference import attention_reference
-
-        allowed = dense_selected_mask(plan, selected)
-        if mask_tensor is not None:
-            if mask_tensor.dtype == torch.bool:
-                allowed = allowed & mask_tensor
-            else:
-                allowed = allowed & (mask_tensor > float("-inf"))
-                return _reference_additive(plan, q, k, v, allowed, mask_tensor)
-        full = dataclasses.replace(plan, programs=(M.Full(),), head_to_program=(0,) * plan.num_heads, mask_kind="bool")
-        return attention_reference(full, q, k, v, allowed)
+        return _attend_dense(plan, q, k, v, mask_tensor, dense_selected_mask(plan, selected))
     from attncc.codegen.forward import attention_fwd
 
     target = "interpret" if executor == "interpret" else "cuda"
@@ -435,6 +432,22 @@ def attend(
     return torch.cat(outs), torch.cat(lses)
 
 
+def _attend_dense(
+    plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask_tensor: Tensor | None, allowed: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Exact attention where ``allowed [B, H, Sq, Skv]`` and the model's mask tensor allow."""
+    from attncc.codegen.reference import attention_reference
+
+    if mask_tensor is not None:
+        if mask_tensor.dtype == torch.bool:
+            allowed = allowed & mask_tensor
+        else:
+            allowed = allowed & (mask_tensor > float("-inf"))
+            return _reference_additive(plan, q, k, v, allowed, mask_tensor)
+    full = dataclasses.replace(plan, programs=(M.Full(),), head_to_program=(0,) * plan.num_heads, mask_kind="bool")
+    return attention_reference(full, q, k, v, allowed)
+
+
 def _reference_additive(plan, q, k, v, allowed, mask_tensor):
     from attncc.codegen.reference import attention_reference
 
@@ -448,6 +461,192 @@ def run_dynamic(
 ) -> tuple[Tensor, Tensor]:
     """Estimate, select and attend: the forward of a plan with selectors (``executor`` resolved:
     ``triton``, ``interpret``, ``torch`` or ``reference``)."""
-    backend = {"triton": "cuda", "interpret": "interpret"}.get(executor, "torch")
-    selected = select_blocks(plan, q, k, backend)
+    selected = select_blocks(plan, q, k, _backend(executor))
     return attend(plan, q, k, v, mask_tensor, selected, executor)
+
+
+def _backend(executor: str) -> str:
+    """The estimator backend of a resolved executor."""
+    return {"triton": "cuda", "interpret": "interpret"}.get(executor, "torch")
+
+
+# -- reuse across layers and calls --------------------------------------------------------------
+def selection_shape(plan: AttentionPlan, batch: int) -> tuple[int, int, int, int]:
+    """Shape of a selection of ``plan``: ``[B, H, nq, nk]`` kernel blocks."""
+    return (batch, plan.num_heads, -(-plan.q_len // plan.block_q), -(-plan.kv_len // plan.block_kv))
+
+
+def run_select(
+    plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask_tensor: Tensor | None, executor: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`run_dynamic` that also returns the selection it computed (a producing site)."""
+    selected = select_blocks(plan, q, k, _backend(executor))
+    out, lse = attend(plan, q, k, v, mask_tensor, selected, executor)
+    return out, lse, selected
+
+
+def run_reuse(
+    plan: AttentionPlan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask_tensor: Tensor | None,
+    selected: Tensor,
+    executor: str,
+) -> tuple[Tensor, Tensor]:
+    """Attention of a consuming site under a selection computed elsewhere (no estimation)."""
+    want = selection_shape(plan, q.shape[0])
+    if tuple(selected.shape) != want or selected.dtype != torch.bool:
+        raise ValueError(
+            f"rule '{plan.rule}' at {plan.name or '<top>'}: the reused selection is {selected.dtype} "
+            f"{tuple(selected.shape)}, this site needs bool {want} ([B, H, query blocks, kv blocks])"
+        )
+    return attend(plan, q, k, v, mask_tensor, selected.to(q.device), executor)
+
+
+def run_cached(
+    plan: AttentionPlan,
+    dense_plan: AttentionPlan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask_tensor: Tensor | None,
+    executor: str,
+    state,
+    dense_first: int,
+    refresh_every: int,
+) -> tuple[Tensor, Tensor]:
+    """One call of a site with call reuse (``state``: its :class:`attncc.selection_cache.SiteState`,
+    updated here): ``dense_plan`` (the model's mask) for the first ``dense_first`` calls, then the
+    stored selection, recomputed every ``refresh_every`` calls (0: never) or when it does not fit."""
+    call = state.calls
+    state.calls += 1
+    if call < dense_first:
+        from attncc.codegen.executors import run
+
+        return run(dense_plan, q, k, v, mask_tensor, executor)
+    stored = state.selected
+    fits = stored is not None and tuple(stored.shape) == selection_shape(plan, q.shape[0]) and stored.device == q.device
+    due = (call - dense_first) % refresh_every == 0 if refresh_every else call == dense_first
+    if due or not fits:
+        state.selected = select_blocks(plan, q, k, _backend(executor))
+        state.refreshes += 1
+    return attend(plan, q, k, v, mask_tensor, state.selected, executor)
+
+
+# -- run-time key permutation (PBS-Attn) ----------------------------------------------------------
+def key_order(q: Tensor, k: Tensor, segment: int) -> Tensor:
+    """``[B, Hkv, Skv]`` int64, slot -> model key position: inside each run of ``segment``
+    consecutive keys (the last may be shorter), keys by descending importance, equal importance
+    in position order. Importance of key ``p`` of kv head ``j``: ``k[b, j, p] . qbar[b, j]`` in
+    fp32, ``qbar`` the mean of ``q`` over all query positions and the query heads sharing kv head
+    ``j``."""
+    b, h, sq, d = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    qbar = q.float().reshape(b, hkv, (h // hkv) * sq, d).mean(2)  # [B, Hkv, D]
+    importance = torch.einsum("bjsd,bjd->bjs", k.float(), qbar)  # [B, Hkv, Skv]
+    nseg = -(-skv // segment)
+    padded = torch.full((b, hkv, nseg * segment), float("-inf"), device=k.device)
+    padded[..., :skv] = importance
+    # descending and stable: padding (-inf, the highest positions) sorts last in the last segment
+    local = torch.sort(padded.view(b, hkv, nseg, segment), dim=-1, descending=True, stable=True).indices
+    start = torch.arange(nseg, device=k.device).view(1, 1, nseg, 1) * segment
+    return (local + start).view(b, hkv, nseg * segment)[..., :skv].contiguous()
+
+
+def _per_head_order(plan: AttentionPlan, order: Tensor, heads: list[int]) -> Tensor:
+    """``order [B, Hkv, Skv]`` for query heads ``heads``: ``[B, len(heads), Skv]``."""
+    kv_head = torch.tensor([hh // plan.gqa_group for hh in heads], device=order.device)
+    return order.index_select(1, kv_head)
+
+
+def _gather_keys(x: Tensor, order_h: Tensor) -> Tensor:
+    """``x [B, Hx, Skv, ...]`` with its key dim in slot order (``order_h [B, Hx, Skv]``)."""
+    index = order_h.view(*order_h.shape, *([1] * (x.dim() - 3))).expand(*order_h.shape, *x.shape[3:])
+    return x.gather(2, index)
+
+
+def _block_any(m: Tensor, block: int) -> Tensor:
+    """``[.., Sq, Skv]`` bool -> ``[.., nI, nJ]``: any pair inside each ``block x block`` tile."""
+    sq, skv = m.shape[-2:]
+    ni, nj = -(-sq // block), -(-skv // block)
+    padded = m.new_zeros(*m.shape[:-2], ni * block, nj * block)
+    padded[..., :sq, :skv] = m
+    return padded.view(*m.shape[:-2], ni, block, nj, block).any(-1).any(-2)
+
+
+def select_permuted(plan: AttentionPlan, q: Tensor, k: Tensor, order: Tensor) -> Tensor:
+    """Selected kernel blocks ``[B, H, nq, nk]`` of the keys in slot order ``order [B, Hkv, Skv]``
+    (torch reference): features, candidates and logits of the permuted keys. A candidate is a
+    (query block, slot block) tile where the selection changes the mask for some pair."""
+    lay = layout(plan)
+    b, sq = q.shape[0], plan.q_len
+    nq, nk = lay.num_q_blocks, lay.num_kv_blocks
+    selected = torch.zeros(b, plan.num_heads, nq, nk, dtype=torch.bool, device=q.device)
+    m_sel, m_not = _split_masks(plan, q.device)
+    for p, cfg in enumerate(lay.configs):
+        if cfg is None:
+            continue
+        heads = lay.heads_of(p)
+        order_h = _per_head_order(plan, order, heads)  # [B, nh, Skv]
+        diff = (m_sel[heads] ^ m_not[heads]).unsqueeze(0).expand(b, -1, -1, -1)
+        diff_slots = diff.gather(-1, order_h.unsqueeze(2).expand(-1, -1, sq, -1))
+        cand = _block_any(diff_slots, cfg.block)  # [B, nh, nI, nJ]
+        kv_head = torch.tensor([hh // plan.gqa_group for hh in heads], device=q.device)
+        qf = features_reference(q[:, heads], cfg, True)
+        kf = features_reference(_gather_keys(k, order), cfg, False)
+        logits = block_logits_reference(qf, kf, kv_head, cand, cfg, plan.scale)
+        selected[:, heads] = _to_kernel_blocks(select_reference(logits, cand, cfg), cfg, plan, nq, nk)
+    return selected
+
+
+def _slot_masks(plan: AttentionPlan, selected: Tensor, order: Tensor) -> Tensor:
+    """``[B, H, Sq, Skv]`` bool in slot order: ``when_selected`` on selected slot blocks,
+    ``when_not`` elsewhere, each evaluated at the model position the slot holds."""
+    b, dev = selected.shape[0], selected.device
+    m_sel, m_not = _split_masks(plan, dev)
+    index = _per_head_order(plan, order, list(range(plan.num_heads))).unsqueeze(2)
+    index = index.expand(-1, -1, plan.q_len, -1)
+    m_sel = m_sel.unsqueeze(0).expand(b, -1, -1, -1).gather(-1, index)
+    m_not = m_not.unsqueeze(0).expand(b, -1, -1, -1).gather(-1, index)
+    rows = torch.arange(plan.q_len, device=dev) // plan.block_q
+    cols = torch.arange(plan.kv_len, device=dev) // plan.block_kv
+    tok = selected.index_select(-2, rows).index_select(-1, cols)
+    return torch.where(tok, m_sel, m_not)
+
+
+def dense_permuted_mask(plan: AttentionPlan, selected: Tensor, order: Tensor) -> Tensor:
+    """``[B, H, Sq, Skv]`` bool in model order: the plan's mask under a selection made in slot
+    order ``order`` (the reference of a run-time permutation)."""
+    slots = _slot_masks(plan, selected, order)
+    index = _per_head_order(plan, order, list(range(plan.num_heads))).unsqueeze(2).expand_as(slots)
+    return torch.zeros_like(slots).scatter(-1, index, slots)
+
+
+def run_permuted(
+    plan: AttentionPlan,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask_tensor: Tensor | None,
+    executor: str,
+    segment: int,
+) -> tuple[Tensor, Tensor]:
+    """Forward of a plan whose keys are sorted by importance inside segments at run time: order,
+    select in slot order, gather k/v (and the model's mask tensor) into slot order and attend
+    there. Queries keep model order, so outputs need no scatter. ``torch``/``reference`` only."""
+    if executor not in ("torch", "reference"):
+        raise ValueError(
+            f"rule '{plan.rule}': a run-time key permutation runs on executor 'torch' or 'reference', not "
+            f"'{executor}' (the forward kernel's Order is one permutation shared by queries, keys and heads)"
+        )
+    order = key_order(q, k, segment)
+    selected = select_permuted(plan, q, k, order)
+    allowed = _slot_masks(plan, selected, order)
+    ks, vs = _gather_keys(k, order), _gather_keys(v, order)
+    if mask_tensor is not None:
+        b, h = q.shape[0], plan.num_heads
+        full = mask_tensor.expand(b, h, plan.q_len, plan.kv_len)
+        index = _per_head_order(plan, order, list(range(h))).unsqueeze(2).expand(-1, -1, plan.q_len, -1)
+        mask_tensor = full.gather(-1, index)
+    return _attend_dense(plan, q, ks, vs, mask_tensor, allowed)

@@ -91,6 +91,8 @@ class AttentionSite:
     plan: object = None
     rule: str | None = None
     plan_key: str | None = None
+    # the attncc op call that replaced the site (set by rewrite; later passes may re-target it)
+    call: fx.Node | None = None
     notes: list[str] = field(default_factory=list)
 
     # -- shapes ----------------------------------------------------------------------------------

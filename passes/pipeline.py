@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from attncc.passes.bind import BindResult, bind
 from attncc.passes.detect import DetectResult, detect
 from attncc.passes.normalize import normalize
+from attncc.passes.reuse import ReuseResult, thread_selections
 from attncc.passes.rewrite import rewrite
 from torch import fx
 
@@ -27,6 +28,8 @@ class PipelineState:
     detected: DetectResult | None = None
     bound: BindResult | None = None
     rewritten: list = field(default_factory=list)
+    selection_cache: object = None
+    reused: ReuseResult | None = None
     snapshots: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -71,6 +74,11 @@ def _rewrite(gm: fx.GraphModule, st: PipelineState) -> str:
     return f"rewrote {len(st.rewritten)} sites into attncc::attention"
 
 
+def _reuse(gm: fx.GraphModule, st: PipelineState) -> str:
+    st.reused = thread_selections(gm, st.rewritten, st.spec, st.executor, st.selection_cache)  # type: ignore[arg-type]
+    return st.reused.summary()
+
+
 Stage = Callable[[fx.GraphModule, PipelineState], str]
 
 PIPELINE: list[tuple[str, Stage]] = [
@@ -82,6 +90,8 @@ PIPELINE: list[tuple[str, Stage]] = [
     ("bind-spec", _bind),
     # site subgraph -> one attncc::attention call
     ("rewrite", _rewrite),
+    # selections that outlive a call: explicit values between layers, a cache across calls
+    ("thread-selections", _reuse),
 ]
 
 

@@ -135,6 +135,7 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, executor: str) -> None
                 v = em.method("expand", v, site.q.size(b_role), -1, -1, -1)
         mask = em.mask(site.runtime_terms)
         call = em.function(torch.ops.attncc.attention.default, q, k, v, mask, plan_key, executor)
+        site.call = call
         out = em.function(operator.getitem, call, 0)
         canon = site.batch + ["q", "e"]
         nb = len(site.batch)

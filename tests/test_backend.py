@@ -247,6 +247,7 @@ def test_dump_folder_and_manifest(tmp_path):
         "02_detect-attention.txt",
         "03_bind-spec.txt",
         "04_rewrite.txt",
+        "05_thread-selections.txt",
     ]
     assert "attncc.attention" in (folder / "04_rewrite.txt").read_text()
     man = json.loads((folder / "manifest.json").read_text())
