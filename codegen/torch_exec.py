@@ -41,6 +41,10 @@ _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 MERGE_FULL_BLOCKS = 16
 #: a class of equal-length segments that falls into more chains than this is gathered in one call
 MAX_CHAINS = 4
+#: a query block whose kv blocks form this many contiguous runs or more is gathered into one call
+GATHER_MIN_RUNS = 3
+#: gathered calls pad their kv length up to a multiple of this (fewer, larger calls)
+GATHER_PAD = 32
 _NEG = float("-inf")
 
 
@@ -58,6 +62,7 @@ class _Group:
     dead: torch.Tensor | None  # [n, g*bq] rows with no allowed key in this group
     first: bool  # no row of this group was written by an earlier group
     causal: bool = False  # the kernel's own causal mode over the whole sequence
+    gathered: bool = False  # kv tokens gathered per row (several runs in one call)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class _Unit:
     q_heads: torch.Tensor  # [n_kv, g]
     kv_heads: torch.Tensor  # [n_kv]
     groups: list[_Group]
+    uncovered: torch.Tensor | None = None  # query blocks no group visits: zero output, lse -inf
 
 
 @dataclass
@@ -161,8 +167,12 @@ def _prepare(plan: AttentionPlan, device: torch.device, with_mask_tensor: bool) 
         else:
             table = build_block_table([mask], [head], plan.q_len, plan.kv_len, bq, bk, order, order, plan.q_offset)
             segments = _segments(plan, mask, head, table, q_pos, kv_pos)
-            groups = _group(segments, nqb, g)
-        units.append(_Unit(torch.tensor(q_heads), torch.tensor(kv_heads), groups))
+            groups = _group(segments, nqb, g, bq)
+        covered = np.zeros(nqb, bool)
+        for grp in groups:
+            covered[grp.rows.numpy()] = True
+        uncovered = torch.from_numpy(np.nonzero(~covered)[0]) if not covered.all() else None
+        units.append(_Unit(torch.tensor(q_heads), torch.tensor(kv_heads), groups, uncovered))
     inverse = plan.permute.inverse() if plan.permute is not None else None
     return _Prepared(units, order, inverse, order, nqb, bq)
 
@@ -186,8 +196,13 @@ def _partial_tiles(plan, mask, head, rows, cols, q_pos, kv_pos) -> np.ndarray:
     return out
 
 
-def _segments(plan, mask, head, table, q_pos, kv_pos) -> list[tuple[int, int, int, torch.Tensor | None]]:
-    """``(row, kv_start, length, allowed tile [bq, length] or None)`` per segment, kernel order."""
+def _segments(plan, mask, head, table, q_pos, kv_pos) -> list[tuple[int, np.ndarray, torch.Tensor | None, bool]]:
+    """``(row, kv slots, allowed tile [bq, len] or None, gathered)`` per segment, kernel order.
+
+    A query block whose visited kv blocks form few contiguous runs gets one segment per run
+    (kv slots contiguous, run as strided views); one with :data:`GATHER_MIN_RUNS` or more runs
+    gets a single *gathered* segment holding exactly the kv tokens some query of the block may
+    see, so it needs one kernel call and no merges."""
     bq, bk, kv_len = plan.block_q, plan.block_kv, plan.kv_len
     pn, pi = table.kv_num_blocks[0].numpy(), table.kv_indices[0].numpy()
     fn, fi = table.full_num_blocks[0].numpy(), table.full_indices[0].numpy()
@@ -205,23 +220,35 @@ def _segments(plan, mask, head, table, q_pos, kv_pos) -> list[tuple[int, int, in
         order = np.argsort(blocks, kind="stable")
         blocks, partial = blocks[order], partial[order]
         q_valid = q_valid_all[r]
-        for lo, hi, is_partial in _runs(blocks, partial):
+        full = np.broadcast_to(q_valid[:, None], (bq, bk))
+
+        def allowed_of(lo, hi, r=r, full=full):
+            tile = [tiles[tile_of[(r, c)]] if (r, c) in tile_of else full for c in range(lo, hi)]
+            return np.concatenate(tile, axis=1)[:, : min(hi * bk, kv_len) - lo * bk]
+
+        runs = list(_runs(blocks, partial))
+        if len(runs) >= GATHER_MIN_RUNS:
+            allowed = np.concatenate([allowed_of(lo, hi) for lo, hi, _ in runs], axis=1)
+            slots = np.concatenate([np.arange(lo * bk, min(hi * bk, kv_len)) for lo, hi, _ in runs])
+            keep = allowed.any(0)
+            if keep.any():
+                tile = allowed[:, keep]
+                dense = (tile | ~q_valid[:, None]).all()
+                out.append((r, slots[keep], None if dense else torch.from_numpy(tile.copy()), True))
+            continue
+        for lo, hi, is_partial in runs:
             t_lo, t_hi = lo * bk, min(hi * bk, kv_len)
             if not is_partial:
-                out.append((r, t_lo, t_hi - t_lo, None))
+                out.append((r, np.arange(t_lo, t_hi), None, False))
                 continue
-            full = np.broadcast_to(q_valid[:, None], (bq, bk))
-            allowed = np.concatenate(
-                [tiles[tile_of[(r, c)]] if (r, c) in tile_of else full for c in range(lo, hi)], axis=1
-            )[:, : t_hi - t_lo]
+            allowed = allowed_of(lo, hi)
             cols = np.nonzero(allowed.any(0))[0]
             if cols.size == 0:
                 continue
             c0, c1 = int(cols[0]), int(cols[-1]) + 1
             tile = allowed[:, c0:c1]
-            out.append(
-                (r, t_lo + c0, c1 - c0, None if (tile | ~q_valid[:, None]).all() else torch.from_numpy(tile.copy()))
-            )
+            dense = (tile | ~q_valid[:, None]).all()
+            out.append((r, np.arange(t_lo + c0, t_lo + c1), None if dense else torch.from_numpy(tile.copy()), False))
     return out
 
 
@@ -247,17 +274,24 @@ def _runs(blocks: np.ndarray, partial: np.ndarray):
             yield lo, hi, p
 
 
-def _group(segments, nqb: int, g: int) -> list[_Group]:
-    """Batch segments into kernel calls: equal length, rows and kv starts in lock step."""
+def _group(segments, nqb: int, g: int, bq: int) -> list[_Group]:
+    """Batch segments into kernel calls: contiguous segments of equal length whose rows and kv
+    starts advance in lock step; gathered segments of similar length (padded up to a multiple
+    of :data:`GATHER_PAD` with masked columns)."""
     classes: dict[tuple[int, bool, int], list] = {}
+    gathered: dict[int, list] = {}
     seen: dict[tuple[int, int, bool], int] = {}
-    for r, start, length, tile in segments:
-        k = (length, tile is not None)
+    for r, slots, tile in ((s[0], s[1], s[2]) for s in segments if not s[3]):
+        k = (len(slots), tile is not None)
         nth = seen.get((r, *k), 0)
         seen[(r, *k)] = nth + 1
-        classes.setdefault((*k, nth), []).append((r, start, tile))
+        classes.setdefault((*k, nth), []).append((r, slots, tile))
+    for r, slots, tile in ((s[0], s[1], s[2]) for s in segments if s[3]):
+        gathered.setdefault(-(-len(slots) // GATHER_PAD) * GATHER_PAD, []).append((r, slots, tile))
     groups: list[_Group] = []
     written = np.zeros(nqb, bool)
+    for length, segs in sorted(gathered.items()):
+        groups.append(_make_group(sorted(segs, key=lambda s: s[0]), length, g, bq, written, regular=False))
     # large classes first: the groups covering most rows write directly, later ones merge
     for (length, _, _), segs in sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         segs.sort(key=lambda s: s[0])
@@ -265,7 +299,7 @@ def _group(segments, nqb: int, g: int) -> list[_Group]:
         if len(chains) > MAX_CHAINS:
             chains = [segs]
         for chain in chains:
-            groups.append(_make_group(chain, length, g, written))
+            groups.append(_make_group(chain, length, g, bq, written))
     return groups
 
 
@@ -273,10 +307,10 @@ def _chains(segs):
     chains, cur = [], [segs[0]]
     for s in segs[1:]:
         if len(cur) == 1:
-            ok = s[0] > cur[0][0] and s[1] >= cur[0][1]
+            ok = s[0] > cur[0][0] and s[1][0] >= cur[0][1][0]
         else:
-            dr, ds = cur[1][0] - cur[0][0], cur[1][1] - cur[0][1]
-            ok = s[0] - cur[-1][0] == dr and s[1] - cur[-1][1] == ds
+            dr, ds = cur[1][0] - cur[0][0], cur[1][1][0] - cur[0][1][0]
+            ok = s[0] - cur[-1][0] == dr and s[1][0] - cur[-1][1][0] == ds
         if ok:
             cur.append(s)
         else:
@@ -286,40 +320,63 @@ def _chains(segs):
     return chains
 
 
-def _make_group(chain, length: int, g: int, written: np.ndarray) -> _Group:
+def _make_group(chain, length: int, g: int, bq: int, written: np.ndarray, regular: bool = True) -> _Group:
+    """One call from segments ``(row, kv slots, tile)``; slots shorter than ``length`` are padded
+    with masked columns (only gathered segments are, ``regular=False``)."""
     rows = [s[0] for s in chain]
-    starts = [s[1] for s in chain]
     n = len(chain)
     row_steps = {b - a for a, b in zip(rows, rows[1:])}
-    kv_steps = {b - a for a, b in zip(starts, starts[1:])}
     row_slice = None
     if n == 1:
         row_slice = slice(rows[0], rows[0] + 1)
     elif len(row_steps) == 1:
         row_slice = slice(rows[0], rows[-1] + 1, row_steps.pop())
     kv_step = None
-    if n == 1:
-        kv_step = 0
-    elif len(kv_steps) == 1 and min(kv_steps) >= 0:
-        kv_step = kv_steps.pop()
-    kv_index = torch.tensor(starts).view(-1, 1) + torch.arange(length).view(1, -1)
+    starts = [int(s[1][0]) for s in chain]
+    if regular:
+        kv_steps = {b - a for a, b in zip(starts, starts[1:])}
+        if n == 1:
+            kv_step = 0
+        elif len(kv_steps) == 1 and min(kv_steps) >= 0:
+            kv_step = kv_steps.pop()
+    kv_index = torch.zeros(n, length, dtype=torch.int64)
+    padded = False
+    for i, s in enumerate(chain):
+        kv_index[i, : len(s[1])] = torch.from_numpy(s[1])
+        # padding repeats a real slot; its column is masked below
+        kv_index[i, len(s[1]) :] = int(s[1][0])
+        padded |= len(s[1]) < length
     bias = dead = None
     tiles = [s[2] for s in chain]
-    if any(t is not None for t in tiles):
-        bq = next(t for t in tiles if t is not None).shape[0]
-        allowed = torch.stack([t if t is not None else torch.ones(bq, length, dtype=torch.bool) for t in tiles])
+    if padded or any(t is not None for t in tiles):
+        allowed = torch.zeros(n, bq, length, dtype=torch.bool)
+        for i, (s, t) in enumerate(zip(chain, tiles)):
+            allowed[i, :, : len(s[1])] = True if t is None else t
         # rows with no key here (padding past q_len included) stay all -inf: the kernel gives
         # them zeros and the backward zero probabilities
         dead_rows = ~allowed.any(-1)
-        bias = torch.zeros(allowed.shape).masked_fill_(~allowed, _NEG)
+        bias = _bias_tile(allowed, g)
         if g > 1:
-            bias = bias.unsqueeze(1).expand(n, g, bq, length).reshape(n, g * bq, length)
             dead_rows = dead_rows.unsqueeze(1).expand(n, g, bq).reshape(n, g * bq)
-        bias = bias.unsqueeze(0).contiguous()
         dead = dead_rows if bool(dead_rows.any()) else None
     first = not bool(written[rows].any())
     written[rows] = True
-    return _Group(torch.tensor(rows), row_slice, length, starts[0], kv_step, kv_index, bias, dead, first)
+    return _Group(
+        torch.tensor(rows), row_slice, length, starts[0], kv_step, kv_index, bias, dead, first, gathered=not regular
+    )
+
+
+def _bias_tile(allowed: torch.Tensor, g: int) -> torch.Tensor:
+    """``[n, bq, L]`` allowed -> ``[1, n or 1, g*bq, L]`` float ``0 / -inf``; a tile shared by
+    every row is kept once and broadcast by the kernel."""
+    n, bq, length = allowed.shape
+    if n > 1 and bool((allowed == allowed[:1]).all()):
+        allowed = allowed[:1]
+        n = 1
+    bias = torch.zeros(allowed.shape).masked_fill_(~allowed, _NEG)
+    if g > 1:
+        bias = bias.unsqueeze(1).expand(n, g, bq, length).reshape(n, g * bq, length)
+    return bias.unsqueeze(0).contiguous()
 
 
 # -- execution ---------------------------------------------------------------------------------
@@ -436,19 +493,28 @@ def _group_bias(grp, unit, prep, mask_tensor, shape_bhqk, dtype):
 
 
 def _merge(out_acc, lse_acc, grp, o, lse):
-    rows = grp.row_slice if grp.row_slice is not None else grp.rows
+    """Write a call's ``(o, lse)`` into its rows, or combine them with what earlier calls wrote
+    there (in place over the rows, weights from the log-sum-exps)."""
+    rows = grp.row_slice if grp.row_slice is not None else grp.rows.to(o.device)
     if grp.first:
         out_acc[:, rows] = o
         lse_acc[:, rows] = lse
         return
-    l_old, o_old = lse_acc[:, rows], out_acc[:, rows]
+    if grp.row_slice is not None:
+        o_old, l_old = out_acc[:, rows], lse_acc[:, rows]
+    else:
+        o_old, l_old = out_acc.index_select(1, rows), lse_acc.index_select(1, rows)
     m = torch.maximum(l_old, lse)
-    m = torch.where(torch.isneginf(m), torch.zeros((), dtype=m.dtype), m)
+    m = m.masked_fill(torch.isneginf(m), 0.0)
     a, b = torch.exp(l_old - m), torch.exp(lse - m)
     s = a + b
-    merged = (o_old * a.unsqueeze(-1) + o * b.unsqueeze(-1)) / torch.where(s > 0, s, 1.0).unsqueeze(-1)
-    out_acc[:, rows] = merged
-    lse_acc[:, rows] = m + torch.log(s)
+    inv = torch.where(s > 0, s.reciprocal(), 0.0)
+    l_new = m + torch.log(s)
+    o_old.mul_((a * inv).unsqueeze(-1).to(o_old.dtype)).addcmul_(o, (b * inv).unsqueeze(-1).to(o_old.dtype))
+    l_old.copy_(l_new)
+    if grp.row_slice is None:
+        out_acc.index_copy_(1, rows, o_old)
+        lse_acc.index_copy_(1, rows, l_old)
 
 
 def _check(plan: AttentionPlan, q, k, v, mask_tensor):
@@ -472,8 +538,19 @@ def _check(plan: AttentionPlan, q, k, v, mask_tensor):
         )
 
 
+def _direct(unit: _Unit, num_heads: int, batch: int) -> int | None:
+    """First head when a unit's accumulator can be a view of the final output (one query
+    head per kv head, consecutive heads, and the batch folds into them); else None."""
+    heads = unit.q_heads.flatten()
+    h0, n = int(heads[0]), heads.numel()
+    if unit.q_heads.shape[1] != 1 or not torch.equal(heads, torch.arange(h0, h0 + n)):
+        return None
+    return h0 if batch == 1 or n == num_heads else None
+
+
 def _forward(plan, q, k, v, mask_tensor):
-    """Returns (out_k, lse_k, per-unit accumulators) in kernel order and compute dtype."""
+    """``(out [B, H, nqb*bq, width], lse [B, H, nqb*bq] fp32)`` in kernel order, compute dtype,
+    padded past ``Sq`` (and past ``Dv`` up to ``width``)."""
     dtype = _compute_dtype(q.dtype)
     prep = prepare(plan, q.device, mask_tensor is not None)
     width = max(plan.head_dim, plan.head_dim_v)
@@ -481,19 +558,35 @@ def _forward(plan, q, k, v, mask_tensor):
     kk = _to_kernel_order(k, prep.kv_order, dtype, width)
     vk = _to_kernel_order(v, prep.kv_order, dtype, width)
     b, h, sq, _ = q.shape
+    nqb, bq = prep.num_q_blocks, prep.block_q
     shape = (b, h, sq, plan.kv_len)
-    accs = []
+    only = prep.units[0] if len(prep.units) == 1 and prep.units[0].groups else None
+    if only is not None and only.groups[0].causal and _direct(only, h, b) is not None:
+        # the whole plan is one causal call: its output is the result, no copy
+        o, lse = _fwd(qk, kk, vk, 0.0, True, scale=plan.scale)
+        return prep, o, lse.float()
+    out = torch.empty((b, h, nqb * bq, width), dtype=dtype, device=q.device)
+    lse_out = torch.empty((b, h, nqb * bq), dtype=torch.float32, device=q.device)
     for unit in prep.units:
-        qu = _unit_q(qk, unit, prep.num_q_blocks, prep.block_q)
+        n_kv, g = unit.q_heads.shape
+        qu = _unit_q(qk, unit, nqb, bq)
         ku, vu = _unit_kv(kk, unit), _unit_kv(vk, unit)
-        out_acc = torch.zeros(qu.shape, dtype=dtype, device=q.device)
-        lse_acc = torch.full(qu.shape[:-1], _NEG, dtype=torch.float32, device=q.device)
+        h0 = _direct(unit, h, b)
+        if h0 is not None:
+            out_acc = out.narrow(1, h0, n_kv).view(b * n_kv, nqb, bq, width)
+            lse_acc = lse_out.narrow(1, h0, n_kv).view(b * n_kv, nqb, bq)
+        else:
+            out_acc = torch.empty(qu.shape, dtype=dtype, device=q.device)
+            lse_acc = torch.empty(qu.shape[:-1], dtype=torch.float32, device=q.device)
+        if unit.uncovered is not None:
+            rows = unit.uncovered.to(q.device)
+            out_acc.index_fill_(1, rows, 0.0)
+            lse_acc.index_fill_(1, rows, _NEG)
         for grp in unit.groups:
             if grp.causal:
-                g = unit.q_heads.shape[1]
                 o, lse = _fwd(_by_head(qu, g), _shared(ku, g), _shared(vu, g), 0.0, True, scale=plan.scale)
-                bq = prep.block_q
-                out_acc, lse_acc = _by_block(o, g, bq), _by_block(lse.unsqueeze(-1), g, bq).squeeze(-1).float()
+                out_acc.copy_(_by_block(o, g, bq))
+                lse_acc.copy_(_by_block(lse.unsqueeze(-1), g, bq).squeeze(-1))
                 continue
             bias, dead = _group_bias(grp, unit, prep, mask_tensor, shape, dtype)
             qg, kg, vg = _rows(qu, grp), _band(ku, grp), _band(vu, grp)
@@ -507,43 +600,32 @@ def _forward(plan, q, k, v, mask_tensor):
             if dead is not None:
                 lse = lse.masked_fill(dead, _NEG)
             _merge(out_acc, lse_acc, grp, o, lse)
-        accs.append((unit, out_acc, lse_acc))
-    return prep, (qk, kk, vk), accs
+        if h0 is None:
+            heads = unit.q_heads.flatten().to(q.device)
+            x = out_acc.view(b, n_kv, nqb, g, bq, width).transpose(2, 3).reshape(b, n_kv * g, nqb * bq, width)
+            out.index_copy_(1, heads, x)
+            x = lse_acc.view(b, n_kv, nqb, g, bq).transpose(2, 3).reshape(b, n_kv * g, nqb * bq)
+            lse_out.index_copy_(1, heads, x)
+    return prep, out, lse_out
 
 
-def _from_units(accs, prep, shape, index, dtype, device):
-    """Scatter per-unit [B * n_kv, nqb, g*bq, ...] accumulators into [B, H, Sq, ...] (kernel order)."""
-    b, h, sq = shape
-    first = accs[0][index]
-    tail = first.shape[3:]
-    out = (
-        torch.zeros((b, h, sq, *tail), dtype=dtype, device=device)
-        if index == 1
-        else torch.full((b, h, sq), _NEG, dtype=dtype, device=device)
-    )
-    for acc in accs:
-        unit, x = acc[0], acc[index]
-        n_kv, g = unit.q_heads.shape
-        x = x.reshape(b, n_kv, prep.num_q_blocks, g, prep.block_q, *tail)
-        x = x.transpose(2, 3).reshape(b, n_kv * g, prep.num_q_blocks * prep.block_q, *tail)[:, :, :sq]
-        out.index_copy_(1, unit.q_heads.flatten().to(device), x.to(dtype))
-    return out
-
-
-def _unpermute(x: torch.Tensor, prep: _Prepared) -> torch.Tensor:
-    return x if prep.q_inverse is None else x.index_select(2, prep.q_inverse.to(x.device))
+def _finish(x: torch.Tensor, prep: _Prepared, sq: int, dtype: torch.dtype, last: int | None = None) -> torch.Tensor:
+    """Cut the padding, return to model order and dtype: one contiguous result, copied at most once."""
+    x = x[:, :, :sq] if last is None else x[:, :, :sq, :last]
+    if prep.q_inverse is not None:
+        return x.index_select(2, prep.q_inverse.to(x.device)).to(dtype)
+    if x.dtype != dtype:
+        return x.to(dtype, memory_format=torch.contiguous_format)
+    return x.contiguous()
 
 
 def attention_torch_forward(plan, q, k, v, mask_tensor=None):
     """Forward only (no autograd graph). See :func:`attention_torch`."""
     _check(plan, q, k, v, mask_tensor)
     with torch.no_grad():
-        prep, _, accs = _forward(plan, q, k, v, mask_tensor)
-        b, h, sq, _ = q.shape
-        dtype = _compute_dtype(q.dtype)
-        out = _from_units(accs, prep, (b, h, sq), 1, dtype, q.device)[..., : plan.head_dim_v]
-        lse = _from_units(accs, prep, (b, h, sq), 2, torch.float32, q.device)
-        return _unpermute(out, prep).to(q.dtype), _unpermute(lse, prep)
+        prep, out, lse = _forward(plan, q, k, v, mask_tensor)
+        sq = q.shape[2]
+        return _finish(out, prep, sq, q.dtype, plan.head_dim_v), _finish(lse, prep, sq, torch.float32)
 
 
 def attention_torch_backward(plan, q, k, v, out, lse, dout, mask_tensor=None):
