@@ -56,6 +56,7 @@ def write_kernels(
     archs: tuple[int, ...] = (90, 80),
     aot: bool = True,
     cache: KernelCache | None = None,
+    backward: bool = True,
 ) -> list[dict]:
     """Write every plan's kernel into ``folder`` and return one manifest entry per plan.
 
@@ -63,7 +64,9 @@ def write_kernels(
     plan) and, when ``aot``, ``<kernel>_<key>/sm_<arch>/<kernel>.{ttir,ttgir,ptx,cubin}``. Entries
     hold the kernel file, block sizes, per-head density, block counts and per-target shared memory
     and registers (or the compile error). When ``manifest`` is given its ``"kernels"`` list is
-    extended (plans already in it, by key, are not repeated).
+    extended (plans already in it, by key, are not repeated). With ``backward``, each entry's
+    ``"backward"`` holds the plan's backward kernels (source, and sm_90 IR when ``aot``), or the
+    reason the plan has none (data-dependent selection).
     """
     cache = cache or default_cache()
     out = pathlib.Path(folder)
@@ -103,9 +106,27 @@ def write_kernels(
             for r in per_arch:
                 r["files"] = {k: os.path.relpath(v, out) for k, v in r.get("files", {}).items()}
                 entry["targets"][r.pop("arch")] = r
+    if backward and unique:
+        _write_backward(out, unique, entries, aot)
     if manifest is not None:
         manifest.setdefault("kernels", []).extend(entries)
     return entries
+
+
+def _write_backward(out: pathlib.Path, plans: list[AttentionPlan], entries: list[dict], aot: bool) -> None:
+    """Attach each plan's backward kernels (dQ, dK/dV) to its manifest entry."""
+    from attncc.codegen.backward import write_backward_kernels
+
+    static = [(p, e) for p, e in zip(plans, entries) if not any(m.is_dynamic for m in p.programs)]
+    for p, e in zip(plans, entries):
+        if any(m.is_dynamic for m in p.programs):
+            e["backward"] = {"error": "no backward kernels: the plan selects blocks from the data at run time"}
+    if not static:
+        return
+    written = write_backward_kernels(out, [p for p, _ in static], archs=(90,), aot=aot)
+    by_key = {w["plan_key"]: w for w in written}
+    for p, e in static:
+        e["backward"] = by_key[p.key()]
 
 
 _DTYPES = {
