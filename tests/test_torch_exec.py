@@ -79,6 +79,16 @@ CASES = {
     "strided_causal": plan_of([M.All((M.Causal(), M.Strided(7)))], [0] * 4, seq=150, block=32),
     "no_key_anywhere": plan_of([M.Not(M.Full())], [0] * 4, seq=100),
     "dim80_window": plan_of([M.Window(20, 20)], [0] * 2, heads=2, seq=500, dim=80),
+    # query blocks with 3+ kv runs: one gathered call each, padded kv lengths
+    "tile3d_gathered_gqa": plan_of(
+        [M.Tile3D((4, 8, 16), (1, 2, 3))],
+        [0] * 4,
+        kv_heads=2,
+        seq=512,
+        block=32,
+        permute=TilePermutation((4, 8, 16), (2, 4, 4)),
+    ),
+    "random_blocks_gathered_seq290": plan_of([M.RandomBlocks(3, 5, 32)], [0] * 2, heads=2, seq=290, block=32),
 }
 
 
@@ -206,3 +216,39 @@ def test_wrong_shapes_are_reported():
     q, k, v = inputs(plan)
     with pytest.raises(ValueError, match="plan expects"):
         torch_exec.attention_torch(plan, q[:, :, :100], k, v)
+
+
+@pytest.mark.parametrize("name", ["tile3d_gathered_gqa", "random_blocks_gathered_seq290"])
+def test_gathered_rows_see_exactly_their_allowed_tokens(name):
+    """A gathered call holds, per query block, exactly the kv slots some of its queries may see
+    (padding columns masked), and every such block is in no other call."""
+    plan = CASES[name]
+    prep = torch_exec.prepare(plan)
+    order = plan.order()
+    allowed = plan.dense_mask()[0]
+    if order is not None:
+        allowed = allowed[order][:, order]
+    bq = plan.block_q
+    gathered = [g for g in prep.units[0].groups if g.gathered]
+    assert gathered, "no query block was gathered"
+    rows_elsewhere = {r for g in prep.units[0].groups if not g.gathered for r in g.rows.tolist()}
+    for grp in gathered:
+        bias = grp.bias.expand(1, len(grp.rows), -1, -1)[0] if grp.bias is not None else None
+        for i, r in enumerate(grp.rows.tolist()):
+            assert r not in rows_elsewhere
+            want = allowed[r * bq : (r + 1) * bq].any(0).nonzero().flatten()
+            live = torch.ones(grp.length, dtype=torch.bool) if bias is None else ~torch.isneginf(bias[i]).all(0)
+            assert torch.equal(grp.kv_index[i][live], want)
+
+
+def test_single_batch_units_write_the_result_in_place():
+    """Batch 1 with several programs: each unit's output is a view of the result (no scatter)."""
+    plan = plan_of([M.Causal(), sink_window(16, 64)], [0, 0, 1, 1], seq=257)
+    prep = torch_exec.prepare(plan)
+    assert [torch_exec._direct(u, plan.num_heads, 1) for u in prep.units] == [0, 2]
+    q, k, v = inputs(plan, batch=1)
+    out, lse = torch_exec.attention_torch(plan, q, k, v)
+    ref, ref_lse = attention_reference(plan, q, k, v)
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-5)
+    assert_close_lse(lse, ref_lse)
+    assert out.is_contiguous() and lse.is_contiguous()
