@@ -103,15 +103,43 @@ class Dumper:
         (self.folder / f"{self.step:02d}_{name}.txt").write_text(text)
         self.step += 1
 
-    def manifest(self, st: pipeline.PipelineState) -> None:
-        (self.folder / "manifest.json").write_text(json.dumps(manifest(st), indent=2, default=str))
-        try:
-            dump_mod = importlib.import_module("attncc.codegen.dump")
-        except ImportError:
-            return
+    def manifest(self, st: pipeline.PipelineState, gm: fx.GraphModule, example_inputs: list | None) -> None:
+        """manifest.json, plus each rewritten plan's kernel files (entries under ``"kernels"``) and
+        the rewritten graph as MLIR (``"mlir"``: the file, or why there is none)."""
+        record = manifest(st)
         plans = [s.plan for s in st.rewritten]
-        if plans and hasattr(dump_mod, "write_kernels"):
-            dump_mod.write_kernels(self.folder, plans)
+        if plans:
+            try:
+                dump_mod = importlib.import_module("attncc.codegen.dump")
+            except ImportError:
+                dump_mod = None
+            if dump_mod is not None:
+                dump_mod.write_kernels(self.folder, plans, manifest=record, aot=bool(config.dump_aot))
+        if config.dump_mlir:
+            record["mlir"] = write_mlir(self.folder / "rewritten.mlir", gm, example_inputs)
+        (self.folder / "manifest.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def write_mlir(path: pathlib.Path, gm: fx.GraphModule, example_inputs: list | None) -> dict:
+    """Write ``gm`` as MLIR in the torch dialect with torch-mlir's FX importer (``torch.export``
+    of the graph, then ``fx.export_and_import``). Each ``attncc::attention`` call appears as
+    ``torch.operator "torch.attncc.attention"``: the importer has no lowering for a custom op
+    and keeps it opaque. Returns the manifest entry: ``{"file": name}`` or ``{"error": why}``
+    (torch-mlir missing, no example inputs, or the export failed); never raises."""
+    try:
+        from torch_mlir import fx as mlir_fx
+    except ImportError as e:
+        return {"error": f"torch-mlir is not installed ({e}); pip install torch-mlir to get rewritten.mlir"}
+    if example_inputs is None:
+        return {"error": "no example inputs (the graph was not compiled through torch.compile)"}
+    try:
+        # export traces the graph with fake tensors (attncc::attention's fake impl): no attention runs
+        module = mlir_fx.export_and_import(gm, *example_inputs, func_name="rewritten")
+    except Exception as e:  # noqa: BLE001 - reported in the manifest, the compile goes on
+        msg = f"{type(e).__name__}: {e}".strip().splitlines()
+        return {"error": "torch-mlir import failed: " + (msg[0] if msg else type(e).__name__)[:500]}
+    path.write_text(str(module) + "\n")
+    return {"file": path.name, "dialect": "torch", "attncc_op": 'torch.operator "torch.attncc.attention"'}
 
 
 def site_record(s) -> dict:
@@ -161,7 +189,11 @@ def manifest(st: pipeline.PipelineState) -> dict:
     }
 
 
-def run_pipeline(gm: fx.GraphModule, opts: Options, stop_after: str | None = None) -> pipeline.PipelineState:
+def run_pipeline(
+    gm: fx.GraphModule, opts: Options, stop_after: str | None = None, example_inputs: list | None = None
+) -> pipeline.PipelineState:
+    """Run the passes on ``gm`` in place; with a dump folder, write it (``example_inputs`` are
+    used only for the MLIR dump)."""
     setup_logging()
     st = pipeline.PipelineState(opts.spec, opts.executor, opts.strict, selection_cache=opts.selection_cache)
     dumper = Dumper(opts.dump_dir, gm) if opts.dump_dir else None
@@ -175,7 +207,7 @@ def run_pipeline(gm: fx.GraphModule, opts: Options, stop_after: str | None = Non
         counters["unsupported"] += len(st.bound.unsupported)
     counters["rewritten"] += len(st.rewritten)
     if dumper is not None:
-        dumper.manifest(st)
+        dumper.manifest(st, gm, example_inputs)
         log.info("dumped graph to %s", dumper.folder)
     return st
 
@@ -185,7 +217,7 @@ def attncc_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
     if kwargs:
         raise TypeError(f"attncc backend got unexpected arguments {sorted(kwargs)}; pass settings in options={{...}}")
     opts = Options.parse(options)
-    run_pipeline(gm, opts)
+    run_pipeline(gm, opts, example_inputs=example_inputs)
     if opts.inner == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

@@ -7,6 +7,8 @@
 | ``ATTNCC_EXECUTOR`` | executor name | ``auto`` | default ``executor`` option |
 | ``ATTNCC_INNER`` | ``inductor``/``eager`` | ``inductor`` | default ``inner`` option |
 | ``ATTNCC_STRICT`` | bool | ``0`` | default ``strict`` option |
+| ``ATTNCC_DUMP_AOT`` | bool | ``1`` | dumps compile kernels ahead of time (TTIR/PTX, sm_90, sm_80) |
+| ``ATTNCC_DUMP_MLIR`` | bool | ``1`` | dumps hold the rewritten graph as MLIR (torch-mlir) |
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ SETTINGS: dict[str, Setting] = {
     "executor": Setting("ATTNCC_EXECUTOR", str, "auto", "default executor"),
     "inner": Setting("ATTNCC_INNER", str, "inductor", "compiler for the rest of the graph"),
     "strict": Setting("ATTNCC_STRICT", bool, False, "unmatched rules or sites are errors"),
+    "dump_aot": Setting("ATTNCC_DUMP_AOT", bool, True, "dumped kernels are compiled ahead of time for sm_90/sm_80"),
+    "dump_mlir": Setting("ATTNCC_DUMP_MLIR", bool, True, "the dump holds the rewritten graph as MLIR (torch-mlir)"),
 }
 
 

@@ -216,6 +216,8 @@ def clean_module_path(path: str) -> str:
     path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", "." + path).lstrip(".")
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    # modules reached through the instance dict (``L['self'].__dict__['_modules']['blocks']``)
+    path = re.sub(r"(^|\.)__dict__\._modules(?=\.|$)", "", path)
     return path.strip(".")
 
 
@@ -522,7 +524,8 @@ class _Detector:
 
     # -- F.scaled_dot_product_attention --------------------------------------------------------
     def _sdpa(self, node: fx.Node) -> AttentionSite:
-        q, k, v = node.args[0], node.args[1], node.args[2]
+        # diffusers' attention dispatch passes query/key/value by keyword
+        q, k, v = arg(node, 0, "query"), arg(node, 1, "key"), arg(node, 2, "value")
         mask = arg(node, 3, "attn_mask")
         dropout_p = arg(node, 4, "dropout_p", 0.0)
         is_causal = arg(node, 5, "is_causal", False)
