@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attncc.masks import All, Any_, Blocks, Mask, Not, Tile3D, broadcast_shape
+from attncc.masks import All, Any_, Blocks, Full, Mask, Not, Tile3D, broadcast_shape
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 #: internal label: the bounds leave the pair open, evaluate it on its tokens
@@ -36,7 +36,9 @@ _TOP_PAIRS = 4096
 #: child pairs bounded at once while descending
 _CHILD_PAIRS = 1 << 20
 #: block-map cells rasterised at once when writing maps and tables
-_RASTER_CELLS = 1 << 22
+_RASTER_CELLS = 1 << 21
+#: most leaves that do not read q - kv alone for which settled combinations are enumerated
+_SUBSTITUTED_LEAVES = 4
 
 
 def token_blocks(length: int, block: int, order: torch.Tensor | None = None, offset: int = 0, device=None) -> Blocks:
@@ -166,12 +168,49 @@ class _Bounder:
         self.base, self.top = q_offset - (kv_len - 1), q_offset + q_len - 1
         self._prefix: dict[Mask, torch.Tensor] = {}
         self._distance_only: dict[int, bool] = {}
+        # on contiguous blocks, a pair where every leaf that reads more than q - kv is settled
+        # (EMPTY or FULL) sees a predicate of q - kv alone: substitute and count exactly
+        self._others: list[Mask] = []
+        if self.contiguous and not mask.reads_distance_only:
+            leaves = [m for m in mask.walk() if not m.children() and not m.distance_only]
+            distinct = list(dict.fromkeys(leaves))
+            if len(distinct) <= _SUBSTITUTED_LEAVES and len(distinct) < len(list(mask.walk())):
+                self._others = distinct
+        self._leaf_bounds: dict[Mask, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, level: int, qi: torch.Tensor, ki: torch.Tensor) -> _Bounds:
         qb, kb = self.qa.blocks(level, qi), self.ka.blocks(level, ki)
         shape = broadcast_shape(qi.shape, ki.shape)
+        self._leaf_bounds = {}
         may, must, exact = self._node(self.mask, qb, kb, level, qi, ki)
-        return may.expand(shape), must.expand(shape), exact.expand(shape)
+        may, must, exact = may.expand(shape), must.expand(shape), exact.expand(shape)
+        if level == 0 and self._others:
+            may, must, exact = self._substituted(qb, kb, may, must, exact)
+        self._leaf_bounds = {}
+        return may, must, exact
+
+    def _substituted(self, qb: Blocks, kb: Blocks, may, must, exact) -> _Bounds:
+        """Settle open pairs whose other leaves are all settled, by the q - kv predicate left."""
+        open_pairs = may & ~must & ~exact
+        if not bool(open_pairs.any()):
+            return may, must, exact
+        code = torch.zeros(open_pairs.shape, dtype=torch.int64)
+        settled = open_pairs.clone()
+        for bit, leaf in enumerate(self._others):
+            leaf_may, leaf_must = self._leaf_bounds[leaf]
+            settled &= ~leaf_may | leaf_must
+            code += leaf_must.to(torch.int64) << bit
+        if not bool(settled.any()):
+            return may, must, exact
+        may, must, exact = may.clone(), must.clone(), exact.clone()
+        for value in code[settled].unique().tolist():
+            where = settled & (code == value)
+            constants = {leaf: bool(value >> bit & 1) for bit, leaf in enumerate(self._others)}
+            rest = _substitute(self.mask, constants)
+            a_may, a_must, _ = self._distance(rest, qb, kb)
+            a_may, a_must = a_may.expand(where.shape), a_must.expand(where.shape)
+            may[where], must[where], exact[where] = a_may[where], a_must[where], True
+        return may, must, exact
 
     def _node(self, node: Mask, qb: Blocks, kb: Blocks, level: int, qi: torch.Tensor, ki: torch.Tensor) -> _Bounds:
         key = id(node)
@@ -185,6 +224,8 @@ class _Bounder:
             may, must, exact = self._node(node.item, qb, kb, level, qi, ki)
             return ~must, ~may, exact
         may, must = node.bounds(qb, kb, self.head)
+        if node in self._others:
+            self._leaf_bounds[node] = (may, must)
         if node.tight == "always" or (node.tight == "contiguous" and self.contiguous):
             return may, must, torch.ones((), dtype=torch.bool)
         exact = ~may | must
@@ -206,6 +247,17 @@ class _Bounder:
         a, b = qb.lo - kb.hi, qb.hi - kb.lo
         n = prefix[b - self.base + 1] - prefix[a - self.base]
         return n > 0, n == b - a + 1, torch.ones((), dtype=torch.bool)
+
+
+def _substitute(node: Mask, constants: dict[Mask, bool]) -> Mask:
+    """``node`` with the leaves in ``constants`` replaced by ``full`` / ``not full``."""
+    if node in constants:
+        return Full() if constants[node] else Not(Full())
+    if isinstance(node, (All, Any_)):
+        return type(node)(tuple(_substitute(c, constants) for c in node.items))
+    if isinstance(node, Not):
+        return Not(_substitute(node.item, constants))
+    return node
 
 
 def _combine(parts: list[_Bounds], conj: bool) -> _Bounds:
@@ -278,16 +330,26 @@ class _Settled:
             first = torch.cumsum(height, 0) - height
             rows = start.repeat_interleave(height) + torch.arange(int(height.sum())) - first.repeat_interleave(height)
             # rectangles are disjoint: +1 at each run's first column, -1 past its last, then a running sum
-            edge = torch.zeros(r1 - r0, self.nk + 1, dtype=torch.int16)
-            ones = torch.ones(rows.shape[0], dtype=torch.int16)
+            edge = torch.zeros(r1 - r0, self.nk + 1, dtype=torch.int8)
+            ones = torch.ones(rows.shape[0], dtype=torch.int8)
             edge.index_put_((rows - r0, self.rect_c0[sel].repeat_interleave(height)), ones, accumulate=True)
             edge.index_put_((rows - r0, self.rect_c1[sel].repeat_interleave(height)), -ones, accumulate=True)
-            out[torch.cumsum(edge[:, : self.nk], 1, dtype=torch.int16) > 0] = FULL
+            torch.cumsum(edge[:, : self.nk], 1, dtype=torch.int8, out=out)
+            out.mul_(FULL)
         if self.tiles.shape[0]:
             a = self.tiles.shape[1]
             lo = int(torch.searchsorted(self.tile_r0, r0 - a + 1))
             hi = int(torch.searchsorted(self.tile_r0, r1))
-            if hi > lo:
+            if hi > lo and self.tiles.shape[1:] == (_FANOUT, _FANOUT) and r0 % _FANOUT == 0:
+                # tiles of the descent sit on a _FANOUT grid: place them whole, then lay the grid out
+                # row-major (tile cells and settled rectangles are disjoint, so adding merges them)
+                groups = torch.zeros(
+                    -(-(r1 - r0) // _FANOUT), -(-self.nk // _FANOUT), _FANOUT, _FANOUT, dtype=torch.int8
+                )
+                groups[(self.tile_r0[lo:hi] - r0) // _FANOUT, self.tile_c0[lo:hi] // _FANOUT] = self.tiles[lo:hi]
+                cells = groups.permute(0, 2, 1, 3).reshape(groups.shape[0] * _FANOUT, -1)
+                out += cells[: r1 - r0, : self.nk]
+            elif hi > lo:
                 rows, cols, lab = self.tile_cells(slice(lo, hi))
                 keep = (lab != EMPTY) & (rows >= r0) & (rows < r1) & (cols < self.nk)
                 out[rows.expand_as(lab)[keep] - r0, cols.expand_as(lab)[keep]] = lab[keep]
@@ -563,6 +625,20 @@ def _distance_pair_count(mask: Mask, q_len: int, kv_len: int, head: int, q_offse
     return int(((hi - lo + 1).clamp(min=0) * allowed).sum())
 
 
+def _tile3d_box_pairs(mask: Tile3D, qbox: list[torch.Tensor], kbox: list[torch.Tensor]) -> int:
+    """Allowed pairs of block pairs that fill their grid boxes: the pairs are a product over the
+    axes, so the count is the product of per-axis counts of coordinate pairs within the window."""
+    total = torch.ones(qbox[0].shape[0], dtype=torch.int64)
+    for axis, w in enumerate(mask.window):
+        a0, a1, b0, b1 = (
+            t.view(-1, 1) for t in (qbox[2 * axis], qbox[2 * axis + 1], kbox[2 * axis], kbox[2 * axis + 1])
+        )
+        d = torch.arange(-w, w + 1).view(1, -1)
+        # coordinate pairs (a, b) with a - b = d: a in [a0, a1] and a - d in [b0, b1]
+        total *= (torch.minimum(a1, b1 + d) - torch.maximum(a0, b0 + d) + 1).clamp(min=0).sum(1)
+    return int(total.sum())
+
+
 def count_allowed(
     mask: Mask,
     q_len: int,
@@ -596,6 +672,13 @@ def count_allowed(
         full += int(is_full.sum())
         partial += int(is_partial.sum())
         allowed += int((q_valid[rows[is_full]] * kv_valid[cols[is_full]]).sum())
+        if not by_distance and isinstance(mask, Tile3D):
+            pr, pc = rows[is_partial], cols[is_partial]
+            boxes = qb.box(mask.grid), kb.box(mask.grid)
+            in_box = _fills_box(boxes[0], q_valid)[pr] & _fills_box(boxes[1], kv_valid)[pc]
+            allowed += _tile3d_box_pairs(mask, [t[pr[in_box]] for t in boxes[0]], [t[pc[in_box]] for t in boxes[1]])
+            rows, cols = pr[~in_box], pc[~in_box]
+            is_partial = torch.ones_like(rows, dtype=torch.bool)
         if not by_distance:
             pr, pc = rows[is_partial], cols[is_partial]
             h = torch.tensor(head).view(1, 1, 1)
