@@ -128,26 +128,6 @@ def test_ready_selector_specs_compile_and_run(name):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "name, rule, what",
-    [
-        ("pbs", "pbs", "the run-time permutation 'by: key_importance'"),
-        ("delta", "delta-reuse", "'reuse' of a block selection"),
-        ("sparsed", "sparsed", "'reuse' of a block selection"),
-    ],
-)
-def test_specs_needing_runtime_permutation_or_reuse_fail_at_compile_time(name, rule, what):
-    spec = load_spec(SPECS / f"{name}.yaml")
-    model = tiny_llama(layers=3)
-    ids = torch.randint(0, 64, (1, 64), generator=torch.Generator().manual_seed(3))
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="attncc", options={"spec": spec, "executor": "torch", "inner": "eager"})
-    with pytest.raises(Exception, match=f"rule '{rule}' uses {what}") as info:
-        with torch.no_grad():
-            compiled(ids)
-    assert isinstance(info.value, SpecError) or "SpecError" in repr(info.value)
-
-
 def test_dense_mask_api_refuses_selectors_with_the_reason():
     spec = load_spec(SPECS / "moba.yaml")
     with pytest.raises((SpecError, M.MaskError, ValueError)):

@@ -269,7 +269,10 @@ def test_candidates_exclude_blocks_the_static_part_keeps():
             {"mask": {"topk": {"k": 1}}, "permute": {"grid": [2, 4, 8], "tile": [1, 2, 2]}},
             "rule 'dyn' uses .*cannot be combined with a static permutation",
         ),
-        ({"mask": {"topk": {"k": 1}}, "reuse": {"from": 0}}, "rule 'dyn' uses 'reuse' of a block selection"),
+        (
+            {"mask": {"topk": {"k": 1}}, "reuse": {"from": "dyn"}},
+            "rule 'dyn' uses 'reuse' of a block selection .*cannot reuse its own selection",
+        ),
     ],
     ids=["two_selectors", "block", "static_permutation", "reuse"],
 )
