@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from attncc.blocks import count_allowed
 from attncc.plan import AttentionPlan
 
 
@@ -29,8 +30,13 @@ def head_density(plan: AttentionPlan) -> list[float] | None:
     plans whose blocks are selected from the data at run time."""
     if any(p.is_dynamic for p in plan.programs):
         return None
-    mask = plan.dense_mask()
-    return [round(float(x), 4) for x in mask.flatten(1).float().mean(1)]
+    # exact counts per program from the block classification: no [H, Sq, Skv] mask
+    order = plan.order()
+    allowed = [
+        count_allowed(p, plan.q_len, plan.kv_len, plan.block_q, plan.block_kv, h, order, order, plan.q_offset)[0]
+        for p, h in zip(plan.programs, plan.program_heads())
+    ]
+    return [round(allowed[i] / (plan.q_len * plan.kv_len), 4) for i in plan.head_to_program]
 
 
 @dataclass

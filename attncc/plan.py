@@ -131,14 +131,23 @@ class AttentionPlan:
         return out
 
 
-@functools.lru_cache(maxsize=64)
 def _block_table(plan: AttentionPlan) -> BlockTable:
-    order = plan.order()
     for p in plan.programs:
         if p.is_dynamic:
             raise ValueError(f"mask {p} selects blocks at run time and has no static block table")
-    return build_block_table(list(plan.programs), plan.program_heads(), plan.q_len, plan.kv_len, plan.block_q,
-                             plan.block_kv, order, order, plan.q_offset)
+    # keyed on what the table depends on, so plans differing only in dtype, head dim, scale or
+    # rule share one table (the head matters only to head-dependent masks)
+    heads = tuple(h if p.depends_on_head else 0 for p, h in zip(plan.programs, plan.program_heads()))
+    return _cached_block_table(plan.programs, heads, plan.q_len, plan.kv_len, plan.block_q, plan.block_kv,
+                               plan.permute, plan.q_offset)
+
+
+#: a table is O(query blocks x widest row): at 1M tokens a causal one is ~1 GiB, so keep few
+@functools.lru_cache(maxsize=8)
+def _cached_block_table(programs: tuple[M.Mask, ...], heads: tuple[int, ...], q_len: int, kv_len: int, block_q: int,
+                        block_kv: int, permute: TilePermutation | None, q_offset: int) -> BlockTable:
+    order = None if permute is None else permute.index()
+    return build_block_table(list(programs), list(heads), q_len, kv_len, block_q, block_kv, order, order, q_offset)
 
 
 def _ranges(xs: list[int]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -183,3 +184,45 @@ def test_large_maps_settle_super_blocks_without_bounding_every_pair():
     # block row i: the diagonal block and (from row 64 on) the block 64 back are partial, those between full
     partial, full = nb + (nb - 64), sum(range(64)) + (nb - 64) * 63
     assert counts.tolist() == [nb * nb - partial - full, partial, full]
+
+
+def streaming_plan(tokens: int, dtype: str = "float32", heads: tuple[int, ...] = (0, 0, 1, 1)):
+    from attncc.plan import AttentionPlan
+
+    streaming = M.All((M.Causal(), M.Any_((M.Sink(128), M.Window(4095, 0)))))
+    return AttentionPlan(
+        programs=(streaming, M.Causal()),
+        head_to_program=heads,
+        num_heads=len(heads),
+        num_kv_heads=2,
+        q_len=tokens,
+        kv_len=tokens,
+        head_dim=16,
+        head_dim_v=16,
+        dtype=dtype,
+        scale=0.25,
+    )
+
+
+def test_head_density_is_exact_without_a_dense_mask():
+    """explain's per-head density at 128k tokens, where [H, Sq, Skv] would be 64 GiB, against closed forms;
+    and on a small plan against the dense mask."""
+    from attncc.explain import head_density
+
+    n = 131072
+    streaming = 4096 * 4097 // 2 + (n - 4096) * 4096 + (n - 4096) * 128
+    causal = n * (n + 1) // 2
+    expected = [round(x / n / n, 4) for x in (streaming, streaming, causal, causal)]
+    assert head_density(streaming_plan(n)) == expected
+    small = streaming_plan(300)
+    dense = small.dense_mask().flatten(1).double().mean(1)
+    assert head_density(small) == [round(float(x), 4) for x in dense]
+
+
+def test_plan_block_tables_are_shared_by_plans_that_differ_only_outside_the_mask():
+    a, b = streaming_plan(1000, "float32"), streaming_plan(1000, "bfloat16")
+    assert a != b and a.block_table() is b.block_table()
+    # the same programs with another head assignment list the same rows; other lengths do not
+    assert streaming_plan(1000, heads=(1, 1, 0, 0)).block_table() is a.block_table()
+    longer = dataclasses.replace(a, kv_len=1010, q_offset=10)
+    assert longer.block_table() is not a.block_table() and longer.block_table().num_kv_blocks == 16
