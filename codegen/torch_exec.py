@@ -497,8 +497,12 @@ def _merge(out_acc, lse_acc, grp, o, lse):
     there (in place over the rows, weights from the log-sum-exps)."""
     rows = grp.row_slice if grp.row_slice is not None else grp.rows.to(o.device)
     if grp.first:
-        out_acc[:, rows] = o
-        lse_acc[:, rows] = lse
+        if grp.row_slice is not None:
+            out_acc[:, rows] = o
+            lse_acc[:, rows] = lse
+        else:
+            out_acc.index_copy_(1, rows, o)
+            lse_acc.index_copy_(1, rows, lse)
         return
     if grp.row_slice is not None:
         o_old, l_old = out_acc[:, rows], lse_acc[:, rows]
