@@ -85,9 +85,7 @@ def main(argv=None) -> int:
     print(f"model: Llama-style, {args.layers} layers, 8 heads / 2 kv heads, head dim 32, seq {args.seq}")
     print(f"spec:  {args.spec} ({spec.name})\n")
 
-    from attncc.explain import explain
-
-    report = explain(model, ids, spec=spec)
+    report = attncc.explain(model, ids, spec=spec)
     print(report, "\n")
 
     started = time.time()
