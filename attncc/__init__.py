@@ -44,13 +44,9 @@ from attncc.counters import counters  # noqa: E402
 __all__ += ["explain", "Report", "counters"]
 
 
-def explain(model, *args, spec=None, **kwargs):
-    """What the compiler does to each attention of ``model(*args, **kwargs)``: a :class:`Report`
-    (no attention is computed). See :func:`attncc.explain.explain`."""
-    from attncc.explain import explain as _explain
-
-    return _explain(model, *args, spec=spec, **kwargs)
-
+# Imported eagerly, not lazily: loading the submodule ``attncc.explain`` binds it as an attribute of
+# the package, and a later first import would then shadow the function of the same name.
+from attncc.explain import Report, explain  # noqa: E402
 
 __all__ += ["SelectionCache", "reset_selection", "default_selection_cache"]
 
@@ -65,10 +61,6 @@ def reset_selection(cache=None) -> None:
 
 
 def __getattr__(name):
-    if name == "Report":
-        from attncc.explain import Report
-
-        return Report
     if name in ("SelectionCache", "default_selection_cache"):
         from attncc import selection_cache
 
