@@ -223,10 +223,13 @@ def test_strict_unmatched_rule_and_site():
 @pytest.mark.parametrize(
     "rule,match",
     [
-        ({"mask": {"topk": {"k": 2}}, "reuse": {"refresh_every": 2}}, "rules/0/reuse: rule 'rules\\[0\\]'.*reuse"),
+        (
+            {"mask": {"topk": {"k": 2}}, "reuse": {"from": "rules[0]"}},
+            "rules/0/reuse/from: rule 'rules\\[0\\]'.*cannot reuse its own selection",
+        ),
         ({"mask": "causal", "heads": {"7": "full"}}, "rules/0/heads/7: head 7 is out of range"),
     ],
-    ids=["reuse-across-calls", "head-out-of-range"],
+    ids=["reuse-of-own-selection", "head-out-of-range"],
 )
 def test_spec_errors_at_compile_time(rule, match):
     q, k, v = qkv()
