@@ -79,10 +79,12 @@ def compile_jobs(jobs: list[Job], timeout: float = TIMEOUT_S, workers: int = 1) 
             env=env,
         )
         procs.append(proc)
+        assert proc.stdin is not None
         proc.stdin.write(json.dumps([jobs[i].__dict__ for i in share]))
         proc.stdin.close()
     results: list[dict] = [{} for _ in jobs]
     for share, proc in zip(shares, procs):
+        assert proc.stdout is not None and proc.stderr is not None
         try:
             stdout = proc.stdout.read()
             stderr = proc.stderr.read()
@@ -139,6 +141,8 @@ def _compile_one(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     spec = importlib.util.spec_from_file_location(f"attncc_aot_{pathlib.Path(job['source']).stem}", job["source"])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load kernel source {job['source']}")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

@@ -513,7 +513,7 @@ def _backward_triton(
         **consts["dq"],
         **launch_options(plan, "dq"),
     )
-    if count:
+    if visits is not None:
         visits["dkdv"] = visit_dkdv.view(bsz, h, nq, nk)
         visits["dq"] = visit_dq.view(bsz, h, nq, nk)
     return dq, dk, dv

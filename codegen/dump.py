@@ -13,7 +13,7 @@ import sys
 from attncc.codegen.cache import KernelCache, default_cache
 from attncc.codegen.generate import kernel_name
 
-from attncc.plan import AttentionPlan
+from attncc.plan import AttentionPlan, DTypeName
 
 #: largest q_len * kv_len for which per-head token density is computed from the dense mask
 _DENSE_LIMIT = 1 << 24
@@ -129,7 +129,7 @@ def _write_backward(out: pathlib.Path, plans: list[AttentionPlan], entries: list
         e["backward"] = by_key[p.key()]
 
 
-_DTYPES = {
+_DTYPES: dict[str, DTypeName] = {
     "bf16": "bfloat16",
     "bfloat16": "bfloat16",
     "fp16": "float16",
@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     entries = write_kernels(out, [plan], manifest=manifest, archs=tuple(args.arch), aot=not args.no_aot)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    for e in entries or [k for k in manifest["kernels"] if k["plan_key"] == plan.key()]:
-        print(f"{e['kernel']}: {out / e['file']}")
-        for arch, r in e["targets"].items():
+    for entry in entries or [k for k in manifest["kernels"] if k["plan_key"] == plan.key()]:
+        print(f"{entry['kernel']}: {out / entry['file']}")
+        for arch, r in entry["targets"].items():
             if "error" in r:
                 print(f"  {arch}: compile failed: {r['error'].splitlines()[0]}")
             else:

@@ -116,7 +116,7 @@ def attention_fwd(
         mask, mask_strides = placeholder, (0, 0, 0, 0)
     if visits is not None and (tuple(visits.shape) != (b * h, table.num_q_blocks) or visits.dtype != torch.int32):
         raise ValueError(f"visits must be int32 [{b * h}, {table.num_q_blocks}]")
-    args = {
+    args: dict[str, object] = {
         "Q": q,
         "K": k,
         "V": v,
