@@ -89,7 +89,11 @@ def layout(plan: AttentionPlan) -> DynamicLayout:
     if plan.permute is not None:
         raise ValueError("selectors run in model order; a plan with a permutation cannot carry one")
     heads = plan.program_heads()
-    splits, configs, lab_sel, lab_not, cands = [], [], [], [], []
+    splits: list[SelectorProgram] = []
+    configs: list[SelectorConfig | None] = []
+    lab_sel: list[Tensor] = []
+    lab_not: list[Tensor] = []
+    cands: list[Tensor | None] = []
     for prog, head in zip(plan.programs, heads):
         split = split_program(prog)
         splits.append(split)

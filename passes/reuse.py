@@ -137,8 +137,8 @@ def thread_selections(
                     f"one permutation shared by queries, keys and heads)",
                     ("rules", index, "permute", "by"),
                 )
-            args = (q, k, v, mask, plan_key, op_executor, rule.permute.segment)
-            _retarget(graph, site, torch.ops.attncc.attention_permuted.default, args)
+            permuted = (q, k, v, mask, plan_key, op_executor, rule.permute.segment)
+            _retarget(graph, site, torch.ops.attncc.attention_permuted.default, permuted)
             result.permuted.append(site)
             continue
         reuse = rule.reuse
@@ -180,8 +180,8 @@ def thread_selections(
                     sel = graph.call_function(operator.getitem, (made, 2))
                 sel.meta.update({k: v for k, v in made.meta.items() if k != "val"})
                 selection[producer.index] = sel
-            args = (q, k, v, mask, sel, plan_key, op_executor)
-            _retarget(graph, site, torch.ops.attncc.attention_reuse.default, args)
+            reused = (q, k, v, mask, sel, plan_key, op_executor)
+            _retarget(graph, site, torch.ops.attncc.attention_reuse.default, reused)
             selection[site.index] = sel
             result.links.append((producer, site))
             continue
