@@ -62,7 +62,8 @@ class _Group:
     dead: torch.Tensor | None  # [n, g*bq] rows with no allowed key in this group
     first: bool  # no row of this group was written by an earlier group
     causal: bool = False  # the kernel's own causal mode over the whole sequence
-    gathered: bool = False  # kv tokens gathered per row (several runs in one call)
+    gathered: bool = False  # each row's whole kv set (several runs) gathered into this one call
+    fresh: torch.Tensor | None = None  # rows of a merging group that no earlier group wrote
 
 
 @dataclass
@@ -291,15 +292,34 @@ def _group(segments, nqb: int, g: int, bq: int) -> list[_Group]:
     groups: list[_Group] = []
     written = np.zeros(nqb, bool)
     for length, segs in sorted(gathered.items()):
-        groups.append(_make_group(sorted(segs, key=lambda s: s[0]), length, g, bq, written, regular=False))
+        groups.append(_make_group(sorted(segs, key=lambda s: s[0]), length, g, bq, written, False, True))
     # large classes first: the groups covering most rows write directly, later ones merge
+    leftovers = []
     for (length, _, _), segs in sorted(classes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         segs.sort(key=lambda s: s[0])
         chains = _chains(segs)
         if len(chains) > MAX_CHAINS:
             chains = [segs]
         for chain in chains:
-            groups.append(_make_group(chain, length, g, bq, written))
+            if len(chain) == 1:
+                leftovers.append(chain[0])
+            else:
+                groups.append(_make_group(chain, length, g, bq, written))
+    # lone segments (the ramp at the start of a window, ...) share padded calls: each call costs
+    # a parallel region, which on a busy machine costs more than the padding
+    buckets: list[tuple[int, list]] = []
+    for seg in sorted(leftovers, key=lambda s: (-len(s[1]), s[0])):
+        home = next(
+            (b for b in buckets if 2 * len(seg[1]) >= b[0] and all(s[0] != seg[0] for s in b[1])),
+            None,
+        )
+        if home is None:
+            buckets.append((len(seg[1]), [seg]))
+        else:
+            home[1].append(seg)
+    for length, segs in buckets:
+        segs.sort(key=lambda s: s[0])
+        groups.append(_make_group(segs, length, g, bq, written, regular=len(segs) == 1))
     return groups
 
 
@@ -320,7 +340,9 @@ def _chains(segs):
     return chains
 
 
-def _make_group(chain, length: int, g: int, bq: int, written: np.ndarray, regular: bool = True) -> _Group:
+def _make_group(
+    chain, length: int, g: int, bq: int, written: np.ndarray, regular: bool = True, gathered: bool = False
+) -> _Group:
     """One call from segments ``(row, kv slots, tile)``; slots shorter than ``length`` are padded
     with masked columns (only gathered segments are, ``regular=False``)."""
     rows = [s[0] for s in chain]
@@ -360,9 +382,20 @@ def _make_group(chain, length: int, g: int, bq: int, written: np.ndarray, regula
             dead_rows = dead_rows.unsqueeze(1).expand(n, g, bq).reshape(n, g * bq)
         dead = dead_rows if bool(dead_rows.any()) else None
     first = not bool(written[rows].any())
+    fresh = None if first or written[rows].all() else torch.tensor([r for r in rows if not written[r]])
     written[rows] = True
     return _Group(
-        torch.tensor(rows), row_slice, length, starts[0], kv_step, kv_index, bias, dead, first, gathered=not regular
+        torch.tensor(rows),
+        row_slice,
+        length,
+        starts[0],
+        kv_step,
+        kv_index,
+        bias,
+        dead,
+        first,
+        gathered=gathered,
+        fresh=fresh,
     )
 
 
@@ -542,6 +575,12 @@ def _check(plan: AttentionPlan, q, k, v, mask_tensor):
         )
 
 
+def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Uninitialised result buffers: every row is written by a call or filled explicitly
+    (tests replace this with a NaN fill to prove it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _direct(unit: _Unit, num_heads: int, batch: int) -> int | None:
     """First head when a unit's accumulator can be a view of the final output (one query
     head per kv head, consecutive heads, and the batch folds into them); else None."""
@@ -569,8 +608,8 @@ def _forward(plan, q, k, v, mask_tensor):
         # the whole plan is one causal call: its output is the result, no copy
         o, lse = _fwd(qk, kk, vk, 0.0, True, scale=plan.scale)
         return prep, o, lse.float()
-    out = torch.empty((b, h, nqb * bq, width), dtype=dtype, device=q.device)
-    lse_out = torch.empty((b, h, nqb * bq), dtype=torch.float32, device=q.device)
+    out = _empty((b, h, nqb * bq, width), dtype, q.device)
+    lse_out = _empty((b, h, nqb * bq), torch.float32, q.device)
     for unit in prep.units:
         n_kv, g = unit.q_heads.shape
         qu = _unit_q(qk, unit, nqb, bq)
@@ -580,8 +619,8 @@ def _forward(plan, q, k, v, mask_tensor):
             out_acc = out.narrow(1, h0, n_kv).view(b * n_kv, nqb, bq, width)
             lse_acc = lse_out.narrow(1, h0, n_kv).view(b * n_kv, nqb, bq)
         else:
-            out_acc = torch.empty(qu.shape, dtype=dtype, device=q.device)
-            lse_acc = torch.empty(qu.shape[:-1], dtype=torch.float32, device=q.device)
+            out_acc = _empty(qu.shape, dtype, q.device)
+            lse_acc = _empty(qu.shape[:-1], torch.float32, q.device)
         if unit.uncovered is not None:
             rows = unit.uncovered.to(q.device)
             out_acc.index_fill_(1, rows, 0.0)
@@ -603,6 +642,10 @@ def _forward(plan, q, k, v, mask_tensor):
             lse = lse.float()
             if dead is not None:
                 lse = lse.masked_fill(dead, _NEG)
+            if grp.fresh is not None:
+                # rows merged here for the first time start from nothing
+                out_acc.index_fill_(1, grp.fresh.to(q.device), 0.0)
+                lse_acc.index_fill_(1, grp.fresh.to(q.device), _NEG)
             _merge(out_acc, lse_acc, grp, o, lse)
         if h0 is None:
             heads = unit.q_heads.flatten().to(q.device)
