@@ -73,7 +73,8 @@ def write_kernels(
     out.mkdir(parents=True, exist_ok=True)
     seen = {e["plan_key"] for e in (manifest or {}).get("kernels", [])}
     unique: list[AttentionPlan] = []
-    for p in plans:
+    runs_for: dict[str, str] = {}
+    for p in _kernel_plans(plans, runs_for):
         if p.key() not in seen:
             seen.add(p.key())
             unique.append(p)
@@ -98,6 +99,8 @@ def write_kernels(
                 "targets": {},
             }
         )
+        if plan.key() in runs_for:
+            entries[-1]["runs_for"] = runs_for[plan.key()]
     if aot and unique:
         from attncc.codegen.aot import compile_plans
 
@@ -113,13 +116,30 @@ def write_kernels(
     return entries
 
 
+def _kernel_plans(plans: list[AttentionPlan], runs_for: dict[str, str]) -> list[AttentionPlan]:
+    """The static plans whose kernels actually run: a plan with run-time block selection runs
+    the forward kernel of two static plans (selected blocks, the rest) over run-time tables."""
+    from attncc.codegen.selectors import is_dynamic, layout
+
+    out: list[AttentionPlan] = []
+    for p in plans:
+        if not is_dynamic(p):
+            out.append(p)
+            continue
+        lay = layout(p)
+        for part, role in ((lay.plan_sel, "selected blocks"), (lay.plan_not, "unselected blocks")):
+            runs_for[part.key()] = f"{role} of dynamic plan {p.key()} (rule {p.rule or '-'})"
+            out.append(part)
+    return out
+
+
 def _write_backward(out: pathlib.Path, plans: list[AttentionPlan], entries: list[dict], aot: bool) -> None:
     """Attach each plan's backward kernels (dQ, dK/dV) to its manifest entry."""
     from attncc.codegen.backward import write_backward_kernels
 
-    static = [(p, e) for p, e in zip(plans, entries) if not any(m.is_dynamic for m in p.programs)]
-    for p, e in zip(plans, entries):
-        if any(m.is_dynamic for m in p.programs):
+    static = [(p, e) for p, e in zip(plans, entries) if "runs_for" not in e]
+    for e in entries:
+        if "runs_for" in e:
             e["backward"] = {"error": "no backward kernels: the plan selects blocks from the data at run time"}
     if not static:
         return
