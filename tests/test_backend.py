@@ -44,7 +44,10 @@ def compile_(m, **opts):
 def _fresh():
     torch._dynamo.reset()
     counters.clear()
-    yield
+    # dumps here skip the ahead-of-time GPU compiles and the MLIR export (tens of seconds on a
+    # small CPU); the tests of those two switches turn them back on
+    with config.scope(dump_aot=False, dump_mlir=False):
+        yield
     torch._dynamo.reset()
 
 
@@ -258,6 +261,65 @@ def test_dump_folder_and_manifest(tmp_path):
     assert site["rule"] == "win" and site["fx_nodes"] and site["plan_key"] in registry.plans()
     assert site["plan"]["programs"] == [{"all": [{"window": 8}, "causal"]}] and site["num_kv_heads"] == 2
     assert 0 < site["density"][0] < 1
+    (kernel,) = man["kernels"]
+    assert kernel["plan_key"] == site["plan_key"] and kernel["kernel"] == site["kernel"]
+    assert kernel["kernel"] in (folder / kernel["file"]).read_text()
+    # ATTNCC_DUMP_AOT=0 / ATTNCC_DUMP_MLIR=0: neither is attempted
+    assert kernel["targets"] == {} and "mlir" not in man
+
+
+def test_dump_aot_switch_reaches_the_kernel_dump(tmp_path, monkeypatch):
+    import attncc.codegen.dump as dump
+
+    from attncc.config import SETTINGS
+
+    calls = []
+    write = dump.write_kernels
+
+    def spy(*args, **kw):
+        calls.append(kw["aot"])
+        return write(*args, **{**kw, "aot": False})
+
+    monkeypatch.setattr(dump, "write_kernels", spy)
+    monkeypatch.delenv("ATTNCC_DUMP_AOT", raising=False)
+    # on unless switched off: a user's dump holds TTIR/PTX per GPU target
+    assert SETTINGS["dump_aot"].default is True
+    q, k, v = qkv()
+    for aot in (True, False):
+        torch._dynamo.reset()
+        with config.scope(dump_aot=aot):
+            compile_(Sdpa(is_causal=True), dump_dir=str(tmp_path / str(aot)))(q, k, v)
+    assert calls == [True, False]
+
+
+def test_dump_rewritten_graph_as_mlir(tmp_path):
+    pytest.importorskip("torch_mlir")
+    q, k, v = qkv(b=1, h=4, hkv=2, sq=16, skv=16)
+    with config.scope(dump_mlir=True):
+        compile_(Sdpa(is_causal=True, enable_gqa=True), dump_dir=str(tmp_path))(q, k, v)
+    (folder,) = tmp_path.iterdir()
+    man = json.loads((folder / "manifest.json").read_text())
+    assert man["mlir"]["file"] == "rewritten.mlir", man["mlir"]
+    text = (folder / "rewritten.mlir").read_text()
+    (call,) = [line for line in text.splitlines() if "attncc" in line]
+    # the custom op stays opaque: torch-mlir imports it as torch.operator with the plan key as a
+    # string operand; q [1,4,16,16] and the shared kv heads [1,2,16,16] are its operands
+    assert 'torch.operator "torch.attncc.attention"' in call
+    assert "!torch.vtensor<[1,4,16,16],f32>, !torch.vtensor<[1,2,16,16],f32>" in call
+    assert f'"{man["sites"][0]["plan_key"]}"' in text
+    assert "func.func @rewritten" in text and "scaled_dot_product_attention" not in text
+
+
+def test_dump_without_torch_mlir_says_why(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch_mlir", None)
+    q, k, v = qkv()
+    with config.scope(dump_mlir=True):
+        compile_(Sdpa(), dump_dir=str(tmp_path))(q, k, v)
+    (folder,) = tmp_path.iterdir()
+    man = json.loads((folder / "manifest.json").read_text())
+    assert "torch-mlir is not installed" in man["mlir"]["error"] and not (folder / "rewritten.mlir").exists()
 
 
 def test_dump_dir_from_env_config(tmp_path):
