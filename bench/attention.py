@@ -569,8 +569,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scale", action="store_true")
     ap.add_argument("--scale-seqs", type=int, nargs="*", default=[131072, 1048576])
     ap.add_argument("--scale-one", nargs=2, metavar=("CASE", "SEQ"), help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     args = ap.parse_args(argv)
     args.dense_seen, args.masked_seen = set(), {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.scale_one:
         print(json.dumps(scale_one(args.scale_one[0], int(args.scale_one[1]))))
         return 0
@@ -584,6 +587,8 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "argv": sys.argv[1:],
+        # other work on the machine shifts every column; the load average says how much there was
+        "load_avg_at_start": os.getloadavg(),
     }
     path = (args.out or RESULTS / f"{result['machine']}-{result['date']}.json") if args.json or args.out else None
 
@@ -611,6 +616,7 @@ def main(argv=None) -> int:
         rows = matrix(args, partial)
         print_table(rows)
         result[key] = rows
+    result["load_avg_at_end"] = os.getloadavg()
     save()
     if path is not None:
         log(f"wrote {path}")
