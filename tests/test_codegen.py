@@ -345,6 +345,24 @@ def test_dump_writes_kernels_and_manifest(tmp_path):
     assert (causal["full"], causal["partial"], causal["total"]) == (6, 4, 16)
 
 
+def test_dump_writes_backward_kernels_and_the_static_kernels_of_a_selection_plan(tmp_path):
+    from attncc.codegen.dump import write_kernels
+
+    from attncc.spec import parse_mask
+
+    static = make_plan(M.Causal(), q_len=64)
+    entry = write_kernels(tmp_path, [static], aot=False)[0]
+    assert (tmp_path / entry["backward"]["file"]).exists()
+    assert set(entry["backward"]["kernels"]) == {"preprocess", "dkdv", "dq"}
+
+    topk = parse_mask({"all": ["causal", {"any": [{"sink": 16}, {"topk": {"k": 1, "block": 16}}]}]}, {})
+    entries = write_kernels(tmp_path / "dyn", [make_plan(topk, q_len=64)], aot=False)
+    # the forward kernel runs twice per call: once over the selected blocks, once over the rest
+    assert sorted(e["runs_for"].split(" of ")[0] for e in entries) == ["selected blocks", "unselected blocks"]
+    assert all("error" in e["backward"] for e in entries)
+    assert all((tmp_path / "dyn" / e["file"]).exists() for e in entries)
+
+
 def test_dump_cli(tmp_path, capsys):
     from attncc.codegen.dump import main
 
