@@ -8,13 +8,10 @@ zero gradient. An additive mask tensor is treated as a constant: it gets no grad
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import importlib.util
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -160,59 +157,31 @@ def _contiguous(t: BlockTable) -> BlockTable:
     )
 
 
-_KERNEL_DIR = os.path.join(tempfile.gettempdir(), "attncc_kernels")
-
-
-@contextlib.contextmanager
-def _interpret_env(on: bool):
-    """``TRITON_INTERPRET`` as ``on`` while a generated module is imported: ``@triton.jit`` picks
-    the interpreter or the compiler at decoration time, so each target gets its own module."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
 def backward_source_path(plan: AttentionPlan) -> str:
-    """Path of the plan's generated backward source on disk (written once per source hash;
-    ``triton.jit`` reads kernel source from the file)."""
+    """Path of the plan's generated backward source in the kernel cache folder (written once per
+    source hash and Triton version; ``triton.jit`` reads kernel source from the file)."""
+    import triton
+    from attncc.codegen.cache import default_cache_dir, write_source
+
     source = backward_source(plan)
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    os.makedirs(_KERNEL_DIR, exist_ok=True)
-    path = os.path.join(_KERNEL_DIR, f"{plan.pattern}_bwd_{digest}.py")
-    if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(source)
-        os.replace(tmp, path)
-    return path
+    path = default_cache_dir() / f"triton-{triton.__version__}" / f"{plan.pattern}_bwd_{digest}.py"
+    if not path.exists():
+        write_source(path, source)
+    return str(path)
 
 
 @functools.lru_cache(maxsize=128)
 def load_backward_module(plan: AttentionPlan, target: str) -> ModuleType:
     """Import the plan's generated backward module for ``target`` (``interpret`` or ``cuda``),
     once per source file and target."""
-    if target not in ("interpret", "cuda"):
-        raise ValueError(f"unknown kernel target '{target}'; expected 'interpret' or 'cuda'")
+    from attncc.codegen.cache import load_module
+
     path = backward_source_path(plan)
-    mod_name = f"attncc_generated.{target}.{os.path.basename(path)[:-3]}"
+    mod_name = f"attncc_kernels.{target}.{os.path.basename(path)[:-3]}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module
-    # triton itself must be imported in its ordinary mode, outside the switch below
-    import triton.language  # noqa: F401
-
-    with _interpret_env(target == "interpret"):
-        spec.loader.exec_module(module)
-    return module
+    return load_module(path, mod_name, target)
 
 
 _TRITON_ELEM = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}

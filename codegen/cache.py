@@ -63,6 +63,30 @@ def _interpret_env(on: bool):
             os.environ["TRITON_INTERPRET"] = old
 
 
+def write_source(path: pathlib.Path, text: str) -> None:
+    """Write a generated source atomically (concurrent writers never expose a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_module(path: str | os.PathLike, name: str, target: str) -> ModuleType:
+    """Import the generated source at ``path`` as module ``name`` for ``target`` (``interpret`` or
+    ``cuda``); ``triton.jit`` reads kernel source from the file, so it must stay on disk."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown kernel target '{target}'; expected one of {', '.join(TARGETS)}")
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import generated kernel source {path}")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    with _interpret_env(target == "interpret"):
+        spec.loader.exec_module(mod)
+    return mod
+
+
 @dataclass
 class CacheStats:
     generated: int = 0  # sources generated (cache misses on disk)
@@ -92,19 +116,12 @@ class KernelCache:
         """Path of the plan's kernel source, generating it only when it is not on disk yet."""
         path = self.source_path(plan)
         if not path.exists():
-            text = generate_forward(plan)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, path)
+            write_source(path, generate_forward(plan))
             self.stats.generated += 1
         return path
 
     def module(self, plan: AttentionPlan, target: str) -> ModuleType:
         """The imported kernel module for ``target`` (``interpret`` or ``cuda``)."""
-        if target not in TARGETS:
-            raise ValueError(f"unknown kernel target '{target}'; expected one of {', '.join(TARGETS)}")
         key = (f"{self.source_key(plan)}-{triton.__version__}", target)
         with self._lock:
             mod = self._modules.get(key)
@@ -112,13 +129,7 @@ class KernelCache:
                 self.stats.hits += 1
                 return mod
             path = self.source(plan)
-            name = f"attncc_kernels.{target}.{path.stem}"
-            spec = importlib.util.spec_from_file_location(name, path)
-            assert spec is not None and spec.loader is not None
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            with _interpret_env(target == "interpret"):
-                spec.loader.exec_module(mod)
+            mod = load_module(path, f"attncc_kernels.{target}.{path.stem}", target)
             self._modules[key] = mod
             self.stats.loaded += 1
             return mod

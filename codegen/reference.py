@@ -7,8 +7,9 @@ import torch
 from attncc.plan import AttentionPlan
 
 
-def attention_reference(plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        mask_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_reference(
+    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_tensor: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32)``.
 
     Rows whose every key is masked give zeros and ``lse = -inf``.

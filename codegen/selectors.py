@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -210,16 +209,10 @@ def kernels(target: str) -> ModuleType:
     """:mod:`attncc.codegen.selector_kernels` imported for ``target`` (``interpret`` or ``cuda``)."""
     mod = _MODULES.get(target)
     if mod is None:
-        from attncc.codegen.cache import _interpret_env
+        from attncc.codegen.cache import load_module
 
         path = importlib.util.find_spec("attncc.codegen.selector_kernels").origin  # type: ignore[union-attr]
-        name = f"attncc_kernels.{target}.selector_kernels"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        with _interpret_env(target == "interpret"):
-            spec.loader.exec_module(mod)
+        mod = load_module(path, f"attncc_kernels.{target}.selector_kernels", target)  # type: ignore[arg-type]
         _MODULES[target] = mod
     return mod
 
