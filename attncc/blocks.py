@@ -37,6 +37,8 @@ _TOP_PAIRS = 4096
 _CHILD_PAIRS = 1 << 20
 #: block-map cells rasterised at once when writing maps and tables
 _RASTER_CELLS = 1 << 21
+#: block tables are built from sorted row runs when there are at most 1/this runs per block pair
+_RUNS_FRACTION = 16
 #: most leaves that do not read q - kv alone for which settled combinations are enumerated
 _SUBSTITUTED_LEAVES = 4
 
@@ -370,6 +372,31 @@ class _Settled:
             full.index_add_(0, rows[ok], (lab == FULL).sum(2)[ok])
         return partial, full
 
+    def runs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Non-empty cells as row runs ``(row, c0, c1, label)`` sorted by (row, c0): a FULL run per
+        row of each rectangle and one run per non-empty tile cell."""
+        height = self.rect_r1 - self.rect_r0
+        first = torch.cumsum(height, 0) - height
+        rows = (
+            self.rect_r0.repeat_interleave(height) + torch.arange(int(height.sum())) - first.repeat_interleave(height)
+        )
+        parts = [(rows, self.rect_c0.repeat_interleave(height), self.rect_c1.repeat_interleave(height), FULL)]
+        if self.tiles.shape[0]:
+            t_rows, t_cols, lab = self.tile_cells()
+            t_rows, t_cols = t_rows.expand_as(lab), t_cols.expand_as(lab)
+            keep = (lab != EMPTY) & (t_rows < self.nq) & (t_cols < self.nk)
+            parts.append((t_rows[keep], t_cols[keep], t_cols[keep] + 1, lab[keep].long()))
+        row = torch.cat([p[0] for p in parts])
+        c0 = torch.cat([p[1] for p in parts])
+        c1 = torch.cat([p[2] for p in parts])
+        label = torch.cat([torch.full_like(p[0], p[3]) if isinstance(p[3], int) else p[3] for p in parts])
+        order = torch.argsort(row * (self.nk + 1) + c0)
+        return row[order], c0[order], c1[order], label[order]
+
+    def num_runs(self) -> int:
+        """How many runs :meth:`runs` lists (to choose between runs and rasterising)."""
+        return int((self.rect_r1 - self.rect_r0).sum()) + int((self.tiles != EMPTY).sum())
+
     def row_chunk(self) -> int:
         rows = max(1, _RASTER_CELLS // max(self.nk, 1))
         return max(_FANOUT, rows // _FANOUT * _FANOUT)
@@ -597,6 +624,10 @@ def build_block_table(
     pi = torch.zeros(len(masks), nq, max(1, int(pn.max()) if pn.numel() else 1), dtype=torch.int32)
     fi = torch.zeros(len(masks), nq, max(1, int(fn.max()) if fn.numel() else 1), dtype=torch.int32)
     for mi, st in enumerate(settled):
+        # sparse maps: expand sorted row runs; dense ones (many partial cells): rasterise row chunks
+        if st.num_runs() * _RUNS_FRACTION <= st.nq * st.nk:
+            _fill_from_runs(st, mi, pn, pi, fn, fi)
+            continue
         step = st.row_chunk()
         buf = torch.empty(step, nk, dtype=torch.int8)
         for r0 in range(0, nq, step):
@@ -612,6 +643,34 @@ def build_block_table(
                 first = torch.cumsum(per_row, 0) - per_row
                 idx[mi, r + r0, torch.arange(r.numel()) - first[r]] = c.to(torch.int32)
     return BlockTable(pn, pi, fn, fi, block_q, block_kv, nk)
+
+
+def _fill_from_runs(
+    st: _Settled, mi: int, pn: torch.Tensor, pi: torch.Tensor, fn: torch.Tensor, fi: torch.Tensor
+) -> None:
+    """Write program ``mi``'s sorted index lists from the sorted row runs, a bounded number of cells at once."""
+    row, c0, c1, label = st.runs()
+    for lab, num, idx in ((PARTIAL, pn, pi), (FULL, fn, fi)):
+        sel = label == lab
+        r, a, length = row[sel], c0[sel], (c1 - c0)[sel]
+        if r.numel() == 0:
+            continue
+        ends = torch.cumsum(length, 0)
+        per_row = num[mi].long()
+        row_first = torch.cumsum(per_row, 0) - per_row
+        # slot of each run's first cell within its row: runs are sorted, so cells before it in the row
+        slot0 = ends - length - row_first[r]
+        start = 0
+        while start < r.numel():
+            stop = int(torch.searchsorted(ends, int(ends[start] - length[start]) + _RASTER_CELLS, right=True))
+            stop = max(stop, start + 1)
+            n = length[start:stop]
+            offset = torch.arange(int(n.sum())) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
+            rows = r[start:stop].repeat_interleave(n)
+            idx[mi, rows, slot0[start:stop].repeat_interleave(n) + offset] = (
+                a[start:stop].repeat_interleave(n) + offset
+            ).to(torch.int32)
+            start = stop
 
 
 def _distance_pair_count(mask: Mask, q_len: int, kv_len: int, head: int, q_offset: int) -> int:

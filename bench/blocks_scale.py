@@ -75,7 +75,7 @@ def measure(name: str, what: str, tokens: int, block: int) -> dict:
     if what == "map":
         labels = classify(mask, tokens, tokens, block, block, q_order=order, kv_order=order)
         wall = time.perf_counter() - start
-        visited, nbytes = int((labels != 0).sum()), labels.numel()
+        visited, nbytes = int(torch.count_nonzero(labels)), labels.numel()
     elif what == "table":
         table = build_block_table([mask], [0], tokens, tokens, block, block, order, order)
         wall = time.perf_counter() - start

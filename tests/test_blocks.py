@@ -129,12 +129,20 @@ def check_against_brute_force(mask, q_len, kv_len, bq, bkv, head=0, order=None, 
     assert total == int(M.dense(mask, q_len, kv_len, heads=[head], q_offset=q_offset).sum())
 
 
-def small_levels(fanout: int, top_pairs: int):
-    """Shrink the super-block fan-out and the top level so that small maps use several levels."""
-    return mock.patch.multiple(blocks, _FANOUT=fanout, _TOP_PAIRS=top_pairs, _CHILD_PAIRS=fanout * fanout * 40)
+def small_levels(fanout: int, top_pairs: int, runs_fraction: int = 16):
+    """Shrink the super-block fan-out and the top level so that small maps use several levels;
+    ``runs_fraction`` 1 builds every table from row runs, in batches of few cells."""
+    return mock.patch.multiple(
+        blocks,
+        _FANOUT=fanout,
+        _TOP_PAIRS=top_pairs,
+        _CHILD_PAIRS=fanout * fanout * 40,
+        _RUNS_FRACTION=runs_fraction,
+        _RASTER_CELLS=64 if runs_fraction == 1 else blocks._RASTER_CELLS,
+    )
 
 
-LEVELS = st.sampled_from([(2, 1), (3, 2), (8, 4)])
+LEVELS = st.sampled_from([(2, 1, 1), (3, 2, 16), (8, 4, 1), (8, 4, 16)])
 
 
 @COARSE
