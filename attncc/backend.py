@@ -9,6 +9,7 @@ import json
 import logging
 import pathlib
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +134,11 @@ def write_mlir(path: pathlib.Path, gm: fx.GraphModule, example_inputs: list | No
     if example_inputs is None:
         return {"error": "no example inputs (the graph was not compiled through torch.compile)"}
     try:
-        # export traces the graph with fake tensors (attncc::attention's fake impl): no attention runs
-        module = mlir_fx.export_and_import(gm, *example_inputs, func_name="rewritten")
+        # export traces the graph with fake tensors (attncc::attention's fake impl): no attention
+        # runs; its pytree deprecation warnings are torch-internal
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = mlir_fx.export_and_import(gm, *example_inputs, func_name="rewritten")
     except Exception as e:  # noqa: BLE001 - reported in the manifest, the compile goes on
         msg = f"{type(e).__name__}: {e}".strip().splitlines()
         return {"error": "torch-mlir import failed: " + (msg[0] if msg else type(e).__name__)[:500]}
@@ -190,14 +194,27 @@ def manifest(st: pipeline.PipelineState) -> dict:
 
 
 def run_pipeline(
-    gm: fx.GraphModule, opts: Options, stop_after: str | None = None, example_inputs: list | None = None
+    gm: fx.GraphModule,
+    opts: Options,
+    stop_after: str | None = None,
+    example_inputs: list | None = None,
+    count: bool = True,
 ) -> pipeline.PipelineState:
     """Run the passes on ``gm`` in place; with a dump folder, write it (``example_inputs`` are
-    used only for the MLIR dump)."""
+    used only for the MLIR dump). ``count=False`` (explain's dry run) leaves the counters alone."""
     setup_logging()
     st = pipeline.PipelineState(opts.spec, opts.executor, opts.strict, selection_cache=opts.selection_cache)
     dumper = Dumper(opts.dump_dir, gm) if opts.dump_dir else None
     pipeline.run(gm, st, stop_after, dumper.stage if dumper else None)
+    if count:
+        _count(st)
+    if dumper is not None:
+        dumper.manifest(st, gm, example_inputs)
+        log.info("dumped graph to %s", dumper.folder)
+    return st
+
+
+def _count(st: pipeline.PipelineState) -> None:
     counters["graphs"] += 1
     if st.detected is not None:
         counters["detected"] += len(st.detected.sites)
@@ -206,10 +223,6 @@ def run_pipeline(
         counters["unbound"] += len(st.bound.unbound)
         counters["unsupported"] += len(st.bound.unsupported)
     counters["rewritten"] += len(st.rewritten)
-    if dumper is not None:
-        dumper.manifest(st, gm, example_inputs)
-        log.info("dumped graph to %s", dumper.folder)
-    return st
 
 
 def attncc_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs):

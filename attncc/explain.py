@@ -130,7 +130,8 @@ def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
     no attention computed) and report it."""
     from attncc.backend import Options, run_pipeline
 
-    opts = Options.parse({"spec": spec} if spec is not None else {})
+    # a dry run: no dump folder (even with ATTNCC_DUMP_DIR set) and no counters
+    opts = Options.parse({"spec": spec, "dump_dir": None} if spec is not None else {"dump_dir": None})
     sites: list[SiteInfo] = []
     skipped: list[str] = []
     graphs = 0
@@ -138,7 +139,7 @@ def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
     def capture(gm, example_inputs, **_):
         nonlocal graphs
         graphs += 1
-        st = run_pipeline(gm, opts, stop_after="bind-spec")
+        st = run_pipeline(gm, opts, stop_after="bind-spec", count=False)
         assert st.detected is not None
         for s in st.detected.sites:
             plan = s.plan

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import attncc
+from attncc.config import config
+from attncc.counters import counters
 
 
 class TwoLayers(torch.nn.Module):
@@ -25,7 +27,7 @@ class TwoLayers(torch.nn.Module):
         return x
 
 
-def test_explain_reports_layers_rules_density(monkeypatch):
+def test_explain_reports_layers_rules_density(monkeypatch, tmp_path):
     import attncc.codegen.executors as ex
 
     def no_attention(*a, **k):
@@ -36,7 +38,11 @@ def test_explain_reports_layers_rules_density(monkeypatch):
         "attncc": 1,
         "rules": [{"name": "first", "where": {"layers": "0"}, "mask": {"window": 4}}, {"name": "rest", "mask": "full"}],
     }
-    report = attncc.explain(TwoLayers(), torch.randn(1, 32, 16), spec=spec)
+    counters.clear()
+    # a dry run: nothing dumped even with ATTNCC_DUMP_DIR set, the compile counters untouched
+    with config.scope(dump_dir=str(tmp_path)):
+        report = attncc.explain(TwoLayers(), torch.randn(1, 32, 16), spec=spec)
+    assert not any(tmp_path.iterdir()) and not any(counters.values())
     # SDPA is called in the top module: no layer number in its path, so layers count by order of appearance
     assert [(s.module, s.layer, s.rule) for s in report.sites] == [("", 0, "first"), ("", 1, "rest")]
     s0, s1 = report.sites
