@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -45,6 +45,8 @@ MAX_CHAINS = 4
 GATHER_MIN_RUNS = 3
 #: gathered calls pad their kv length up to a multiple of this (fewer, larger calls)
 GATHER_PAD = 32
+#: K and V gathered for one call stay under this many bytes (larger groups run in row pieces)
+GATHER_BYTES = 256 << 20
 _NEG = float("-inf")
 
 
@@ -473,6 +475,35 @@ def _shared(x: torch.Tensor, g: int) -> torch.Tensor:
     return x.unsqueeze(1).expand(-1, g, -1, -1)
 
 
+def _pieces(grp: _Group, batch_heads: int, width: int, itemsize: int) -> list[_Group]:
+    """A group whose K/V are gathered by index, cut into row pieces whose gathered K and V fit
+    :data:`GATHER_BYTES` (view groups cost no memory and stay whole)."""
+    per_row = 2 * batch_heads * grp.length * width * itemsize
+    n = grp.rows.numel()
+    if grp.kv_step is not None or grp.causal or n * per_row <= GATHER_BYTES:
+        return [grp]
+    step = max(1, GATHER_BYTES // per_row)
+    out = []
+    for i in range(0, n, step):
+        rows = grp.rows[i : i + step]
+        fresh = None
+        if grp.fresh is not None:
+            fresh = grp.fresh[torch.isin(grp.fresh, rows)]
+            fresh = fresh if fresh.numel() else None
+        out.append(
+            replace(
+                grp,
+                rows=rows,
+                row_slice=None,
+                kv_index=grp.kv_index[i : i + step],
+                bias=grp.bias if grp.bias is None or grp.bias.shape[1] == 1 else grp.bias[:, i : i + step],
+                dead=None if grp.dead is None else grp.dead[i : i + step],
+                fresh=fresh,
+            )
+        )
+    return out
+
+
 def _rows(x: torch.Tensor, grp: _Group) -> torch.Tensor:
     return x[:, grp.row_slice] if grp.row_slice is not None else x.index_select(1, grp.rows.to(x.device))
 
@@ -625,7 +656,7 @@ def _forward(plan, q, k, v, mask_tensor):
             rows = unit.uncovered.to(q.device)
             out_acc.index_fill_(1, rows, 0.0)
             lse_acc.index_fill_(1, rows, _NEG)
-        for grp in unit.groups:
+        for grp in (p for whole in unit.groups for p in _pieces(whole, ku.shape[0], width, qu.element_size())):
             if grp.causal:
                 o, lse = _fwd(_by_head(qu, g), _shared(ku, g), _shared(vu, g), 0.0, True, scale=plan.scale)
                 out_acc.copy_(_by_block(o, g, bq))
@@ -705,7 +736,7 @@ def attention_torch_backward(plan, q, k, v, out, lse, dout, mask_tensor=None):
         dq_u = torch.zeros_like(qu)
         dk_u = torch.zeros_like(ku)
         dv_u = torch.zeros_like(vu)
-        for grp in unit.groups:
+        for grp in (p for whole in unit.groups for p in _pieces(whole, ku.shape[0], width, qu.element_size())):
             if grp.causal:
                 g = unit.q_heads.shape[1]
                 lse_rows = _by_head(lu.unsqueeze(-1), g).squeeze(-1).float().contiguous()
