@@ -85,12 +85,19 @@ class AttentionPlan:
             "rule": self.rule,
             "programs": [p.to_spec() for p in self.programs],
             "head_to_program": list(self.head_to_program),
-            "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads,
-            "q_len": self.q_len, "kv_len": self.kv_len, "head_dim": self.head_dim,
-            "head_dim_v": self.head_dim_v, "dtype": self.dtype, "scale": self.scale,
-            "block_q": self.block_q, "block_kv": self.block_kv,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "q_len": self.q_len,
+            "kv_len": self.kv_len,
+            "head_dim": self.head_dim,
+            "head_dim_v": self.head_dim_v,
+            "dtype": self.dtype,
+            "scale": self.scale,
+            "block_q": self.block_q,
+            "block_kv": self.block_kv,
             "permute": self.permute.to_spec() if self.permute else None,
-            "mask_kind": self.mask_kind, "q_offset": self.q_offset,
+            "mask_kind": self.mask_kind,
+            "q_offset": self.q_offset,
         }
 
     def key(self) -> str:
@@ -102,10 +109,15 @@ class AttentionPlan:
     def describe(self) -> str:
         """A human-readable print of the plan."""
         lines = [f"plan {self.key()}  rule={self.rule or '-'}"]
-        lines.append(f"  heads {self.num_heads} (kv {self.num_kv_heads}), q_len {self.q_len}, kv_len {self.kv_len}, "
-                     f"head_dim {self.head_dim}/{self.head_dim_v}, {self.dtype}, scale {self.scale:.6g}")
-        lines.append(f"  blocks {self.block_q}x{self.block_kv}, q_offset {self.q_offset}, "
-                     f"permute {self.permute.to_spec() if self.permute else 'none'}, model mask tensor {self.mask_kind or 'none'}")
+        lines.append(
+            f"  heads {self.num_heads} (kv {self.num_kv_heads}), q_len {self.q_len}, kv_len {self.kv_len}, "
+            f"head_dim {self.head_dim}/{self.head_dim_v}, {self.dtype}, scale {self.scale:.6g}"
+        )
+        permute = self.permute.to_spec() if self.permute else "none"
+        lines.append(
+            f"  blocks {self.block_q}x{self.block_kv}, q_offset {self.q_offset}, "
+            f"permute {permute}, model mask tensor {self.mask_kind or 'none'}"
+        )
         for i, p in enumerate(self.programs):
             heads = [h for h, j in enumerate(self.head_to_program) if j == i]
             lines.append(f"  program {i} heads {_ranges(heads)}: {p}")
@@ -138,14 +150,23 @@ def _block_table(plan: AttentionPlan) -> BlockTable:
     # keyed on what the table depends on, so plans differing only in dtype, head dim, scale or
     # rule share one table (the head matters only to head-dependent masks)
     heads = tuple(h if p.depends_on_head else 0 for p, h in zip(plan.programs, plan.program_heads()))
-    return _cached_block_table(plan.programs, heads, plan.q_len, plan.kv_len, plan.block_q, plan.block_kv,
-                               plan.permute, plan.q_offset)
+    return _cached_block_table(
+        plan.programs, heads, plan.q_len, plan.kv_len, plan.block_q, plan.block_kv, plan.permute, plan.q_offset
+    )
 
 
 #: a table is O(query blocks x widest row): at 1M tokens a causal one is ~1 GiB, so keep few
 @functools.lru_cache(maxsize=8)
-def _cached_block_table(programs: tuple[M.Mask, ...], heads: tuple[int, ...], q_len: int, kv_len: int, block_q: int,
-                        block_kv: int, permute: TilePermutation | None, q_offset: int) -> BlockTable:
+def _cached_block_table(
+    programs: tuple[M.Mask, ...],
+    heads: tuple[int, ...],
+    q_len: int,
+    kv_len: int,
+    block_q: int,
+    block_kv: int,
+    permute: TilePermutation | None,
+    q_offset: int,
+) -> BlockTable:
     order = None if permute is None else permute.index()
     return build_block_table(list(programs), list(heads), q_len, kv_len, block_q, block_kv, order, order, q_offset)
 
