@@ -291,9 +291,7 @@ def test_wan_video_dit_tile3d_equals_explicit_masks(tmp_path):
     args = (latents, torch.tensor([10]), torch.randn(1, 5, 16))
     seq = GRID[0] * GRID[1] * GRID[2]
 
-    masks = [
-        attncc.dense_mask(WAN_SPEC, seq, num_heads=heads, layer=i, module=f"blocks.{i}.attn1") for i in range(2)
-    ]
+    masks = [attncc.dense_mask(WAN_SPEC, seq, num_heads=heads, layer=i, module=f"blocks.{i}.attn1") for i in range(2)]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1][0], masks[1][1])
     assert all(0.1 < m.float().mean() < 0.9 for m in masks)
     originals = [b.attn1.processor for b in model.blocks]
