@@ -380,7 +380,8 @@ class _Settled:
         rows = (
             self.rect_r0.repeat_interleave(height) + torch.arange(int(height.sum())) - first.repeat_interleave(height)
         )
-        parts = [(rows, self.rect_c0.repeat_interleave(height), self.rect_c1.repeat_interleave(height), FULL)]
+        rect_cols = (self.rect_c0.repeat_interleave(height), self.rect_c1.repeat_interleave(height))
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | int]] = [(rows, *rect_cols, FULL)]
         if self.tiles.shape[0]:
             t_rows, t_cols, lab = self.tile_cells()
             t_rows, t_cols = t_rows.expand_as(lab), t_cols.expand_as(lab)
@@ -472,7 +473,10 @@ def _settle(
     r0s, r1s, c0s, c1s = [none], [none], [none], [none]
     for level, r, c in rects:
         (r0, r1), (c0, c1) = span(level, r, nq), span(level, c, nk)
-        r0s.append(r0), r1s.append(r1), c0s.append(c0), c1s.append(c1)
+        r0s.append(r0)
+        r1s.append(r1)
+        c0s.append(c0)
+        c1s.append(c1)
     if tiles:
         tile_r0, tile_c0, labels = (torch.cat(x) for x in zip(*tiles))
         order = torch.argsort(tile_r0, stable=True)

@@ -33,7 +33,7 @@ class SpecError(ValueError):
         super().__init__(f"{where}: {('at ' + key + ': ') if key else ''}{message}")
 
 
-def _suggest(word: str, choices) -> str:
+def _suggest(word: str | int, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -189,8 +189,9 @@ class Spec(_Strict):
     # -- resolution -----------------------------------------------------------------------------
     def block_sizes(self, rule_index: int | None = None) -> tuple[int, int]:
         bs = self.block_size
-        if rule_index is not None and self.rules[rule_index].block_size is not None:
-            bs = self.rules[rule_index].block_size
+        rule_bs = None if rule_index is None else self.rules[rule_index].block_size
+        if rule_bs is not None:
+            bs = rule_bs
         return (bs, bs) if isinstance(bs, int) else (bs.q, bs.kv)
 
     def rule_name(self, index: int) -> str:
@@ -586,7 +587,7 @@ _ERROR_RANK = {"extra_forbidden": 0, "missing": 1}
 def _from_validation(err: ValidationError, data: Any, source: str, lines: dict) -> SpecError:
     """The most specific pydantic error as a located SpecError: the deepest location in the
     data wins; among equals, unknown keys and missing keys first (they come with hints)."""
-    candidates = []
+    candidates: list[tuple[int, int, int, list, Any]] = []
     for e in err.errors():
         path = _data_path(data, tuple(e["loc"]))
         candidates.append((-len(path), _ERROR_RANK.get(e["type"], 2), len(candidates), path, e))
@@ -646,7 +647,7 @@ def check_executable(spec: Spec, rule_index: int) -> None:
     rule = spec.rules[rule_index]
     name = spec.rule_name(rule_index)
     base, overrides = spec._rule_masks[rule_index]
-    found: list[tuple[str, Path_]] = []
+    found: list[tuple[str, tuple]] = []
     block_q, block_kv = spec.block_sizes(rule_index)
     permuted = rule.permute is not None and rule.permute.grid is not None
     for mask, path in [(base, ("rules", rule_index, "mask"))] + [
