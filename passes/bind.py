@@ -8,9 +8,9 @@ from attncc.passes.detect import AttentionSite
 
 from attncc import masks as M
 from attncc import spec as S
-from attncc.plan import AttentionPlan
+from attncc.plan import AttentionPlan, DTypeName
 
-_DTYPES = {
+_DTYPES: dict[str, DTypeName] = {
     "torch.float32": "float32",
     "torch.float16": "float16",
     "torch.bfloat16": "bfloat16",

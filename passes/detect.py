@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import networkx as nx
 import torch
@@ -485,7 +485,7 @@ class _Detector:
         if len(site.batch) != 1:
             return
         bh = int(site.q.size(site.batch[0]))  # type: ignore[call-overload]
-        node = site.q.node
+        node: Any = site.q.node
         for _ in range(6):
             if not isinstance(node, fx.Node) or kind(node) not in (
                 "reshape",
@@ -675,7 +675,8 @@ class _Detector:
                 f"intermediate {n.name} of the attention is also used by {u.name}; rewriting would "
                 f"change what {u.name} sees"
             )
-        scale, terms = 1.0, []
+        scale = 1.0
+        terms: list[MaskTerm] = []
         for op in reversed(ops):
             if op[0] == "scale":
                 scale *= op[1]
