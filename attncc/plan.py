@@ -43,6 +43,9 @@ class AttentionPlan:
     permute: TilePermutation | None = None
     mask_kind: Literal["bool", "additive"] | None = None
     q_offset: int = 0
+    #: k/v come with a per-(batch, kv head) key order given at call time (PBS-Attn): kernel
+    #: slot -> model key position, ``[B, Hkv, Skv]``; queries keep model order
+    runtime_key_order: bool = False
     rule: str = ""
     name: str = field(default="", compare=False)
 
@@ -65,6 +68,8 @@ class AttentionPlan:
                 index.append(seen[key])
             object.__setattr__(self, "programs", tuple(programs))
             object.__setattr__(self, "head_to_program", tuple(index))
+        if self.permute is not None and self.runtime_key_order:
+            raise ValueError("a plan has either a static permutation or a run-time key order, not both")
         if self.permute is not None:
             self.permute.check(self.q_len, "query")
             self.permute.check(self.kv_len, "key")
@@ -81,7 +86,7 @@ class AttentionPlan:
         return "".join(c if c.isalnum() or c == "_" else "_" for c in s)[:48]
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "rule": self.rule,
             "programs": [p.to_spec() for p in self.programs],
             "head_to_program": list(self.head_to_program),
@@ -99,6 +104,9 @@ class AttentionPlan:
             "mask_kind": self.mask_kind,
             "q_offset": self.q_offset,
         }
+        if self.runtime_key_order:  # only when set, so the keys of other plans stay as they were
+            d["runtime_key_order"] = True
+        return d
 
     def key(self) -> str:
         """Stable hash of everything that changes the computation."""
@@ -118,6 +126,8 @@ class AttentionPlan:
             f"  blocks {self.block_q}x{self.block_kv}, q_offset {self.q_offset}, "
             f"permute {permute}, model mask tensor {self.mask_kind or 'none'}"
         )
+        if self.runtime_key_order:
+            lines.append("  keys in a run-time order per (batch, kv head); queries in model order")
         for i, p in enumerate(self.programs):
             heads = [h for h, j in enumerate(self.head_to_program) if j == i]
             lines.append(f"  program {i} heads {_ranges(heads)}: {p}")

@@ -76,6 +76,7 @@ def attention_fwd(
     num_warps: int | None = None,
     num_stages: int = 2,
     block_table: BlockTable | None = None,
+    kv_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the plan's generated kernel: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``.
 
@@ -84,8 +85,26 @@ def attention_fwd(
     int32 ``[B * H, num_q_blocks]`` tensor, receives the number of kv blocks each program visited.
     ``block_table`` (one row per mask program, on q's device) replaces ``plan.block_table()``:
     tables built at run time (data-dependent selection, :mod:`attncc.codegen.selectors`).
+    ``kv_order``, int64 ``[B, Hkv, Skv]`` (kernel slot -> model key position), is required by and
+    only accepted for a plan with ``runtime_key_order``; that plan's block table (over slot blocks)
+    must be given too. The model's mask tensor stays in model order.
     """
     _check_inputs(plan, q, k, v, mask_tensor)
+    if (kv_order is None) == plan.runtime_key_order:
+        raise ValueError(
+            f"plan runtime_key_order is {plan.runtime_key_order} but kv_order is "
+            f"{'missing' if kv_order is None else 'given'}"
+        )
+    if kv_order is not None:
+        want = (q.shape[0], plan.num_kv_heads, plan.kv_len)
+        if tuple(kv_order.shape) != want or kv_order.dtype != torch.int64 or kv_order.device != q.device:
+            raise ValueError(
+                f"kv_order is {kv_order.dtype} {tuple(kv_order.shape)} on {kv_order.device}; "
+                f"expected int64 {want} on {q.device}"
+            )
+        if block_table is None:
+            raise ValueError("a plan with a run-time key order needs block_table (over kernel slot blocks)")
+        kv_order = kv_order.contiguous()
     target = target or ("cuda" if q.device.type == "cuda" else "interpret")
     if target == "cuda" and q.device.type != "cuda":
         raise ValueError(f"executor 'triton' needs CUDA tensors, got {q.device}; use 'interpret' or 'torch' on CPU")
@@ -124,6 +143,7 @@ def attention_fwd(
         "Lse": lse,
         "MaskTensor": mask,
         "Order": order if order is not None else placeholder.to(torch.int64),
+        "KvOrder": kv_order,
         "HeadToProgram": head_to_program,
         "KvNumBlocks": table.kv_num_blocks.contiguous(),
         "KvIndices": table.kv_indices.contiguous(),

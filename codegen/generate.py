@@ -47,6 +47,8 @@ def check_supported(plan: AttentionPlan) -> None:
     for what, b in (("block_q", plan.block_q), ("block_kv", plan.block_kv)):
         if b < 16 or b & (b - 1):
             raise CodegenError(f"{what} {b} must be a power of two >= 16 (tl.dot tiles)")
+    if plan.runtime_key_order and plan.permute is not None:
+        raise CodegenError("a run-time key order cannot be combined with a static permutation")
 
 
 def kernel_constexprs(plan: AttentionPlan, *, count_visits: bool = False, dot_fp32: bool = False) -> dict:
@@ -84,6 +86,8 @@ def kernel_signature(plan: AttentionPlan) -> dict[str, str]:
         "MaskTensor": "*i8" if plan.mask_kind != "additive" else f"*{elem}",
         "Order": "*i64",
     }
+    if plan.runtime_key_order:
+        sig["KvOrder"] = "*i64"
     if len(plan.programs) > 1:
         sig["HeadToProgram"] = "*i32"
     sig.update(
@@ -266,7 +270,7 @@ def _visit_kv_block(
 _KERNEL = """\
 @triton.jit
 def {name}(
-    Q, K, V, Out, Lse, MaskTensor, Order,{head_to_program}
+    Q, K, V, Out, Lse, MaskTensor, Order,{kv_order_arg}{head_to_program}
     KvNumBlocks, KvIndices, FullNumBlocks, FullIndices, Visits,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -292,7 +296,7 @@ def {name}(
     off_h = (pid_bh % H).to(tl.int64)
     # GQA: query heads h*GROUP .. h*GROUP+GROUP-1 share kv head h
     off_hkv = off_h // GROUP
-{program}
+{kv_order}{program}
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] kernel slots
     q_valid = offs_m < Q_LEN  # [BM]
     if HAS_PERM:
@@ -320,12 +324,12 @@ def {name}(
         kv_block = tl.load(FullIndices + table_row * MAX_FULL + i)
         acc, l_i, m_i = _visit_kv_block(
             acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
-            K, V, MaskTensor, Order,
+            K, V, MaskTensor, {kv_gather},
             stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd,
             stride_mb, stride_mh, stride_mq, stride_mk,
             qk_scale, KV_LEN,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, HAS_PERM,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, {kv_perm},
             HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
         )
         if COUNT_VISITS:
@@ -337,12 +341,12 @@ def {name}(
         kv_block = tl.load(KvIndices + table_row * MAX_PARTIAL + i)
         acc, l_i, m_i = _visit_kv_block(
             acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
-            K, V, MaskTensor, Order,
+            K, V, MaskTensor, {kv_gather},
             stride_kb, stride_kh, stride_ks, stride_kd,
             stride_vb, stride_vh, stride_vs, stride_vd,
             stride_mb, stride_mh, stride_mq, stride_mk,
             qk_scale, KV_LEN,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, HAS_PERM,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, {kv_perm},
             HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
         )
         if COUNT_VISITS:
@@ -364,6 +368,12 @@ def {name}(
     tl.store(Lse + pid_bh.to(tl.int64) * Q_LEN + q_idx, lse, mask=q_valid)
 """
 
+_KV_ORDER = (
+    "    # run-time key order of this (batch, kv head), [Skv] int64: kernel slot -> model key position.\n"
+    "    # k/v blocks are gathered through it (the model mask and the predicate see model positions);\n"
+    "    # queries stay in model order, so nothing is scattered back\n"
+    "    kv_order = KvOrder + (off_b * (H // GROUP) + off_hkv) * KV_LEN\n"
+)
 _ONE_PROGRAM = "    program = 0\n"
 _MANY_PROGRAMS = (
     "    # head policy: this head's mask program selects its predicate and block-table rows\n"
@@ -381,7 +391,15 @@ def generate_forward(plan: AttentionPlan) -> str:
     dot_kwargs = ', input_precision="ieee"' if plan.dtype == "float32" else ""
     many = len(plan.programs) > 1
     header = _HEADER.format(name=name, version=attncc.__version__, plan=plan.describe())
+    kv = plan.runtime_key_order
     kernel = _KERNEL.format(
-        name=name, head_to_program=" HeadToProgram," if many else "", program=_MANY_PROGRAMS if many else _ONE_PROGRAM
+        name=name,
+        kv_order_arg=" KvOrder," if kv else "",
+        head_to_program=" HeadToProgram," if many else "",
+        kv_order=_KV_ORDER if kv else "",
+        program=_MANY_PROGRAMS if many else _ONE_PROGRAM,
+        # a run-time key order gathers k/v through its row (static permutations are excluded)
+        kv_gather="kv_order" if kv else "Order",
+        kv_perm="True" if kv else "HAS_PERM",
     )
     return header + emit_mask_predicate(plan) + "\n\n" + _LOAD_2D + _VISIT.format(dot_kwargs=dot_kwargs) + kernel

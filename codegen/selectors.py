@@ -411,18 +411,37 @@ def attend(
     """Attention of a dynamic plan under a given selection ``[B, H, nq, nk]``."""
     if executor in ("torch", "reference"):
         return _attend_dense(plan, q, k, v, mask_tensor, dense_selected_mask(plan, selected))
+    return _attend_kernels(layout(plan), q, k, v, mask_tensor, selected, executor)
+
+
+def _attend_kernels(
+    lay: DynamicLayout,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask_tensor: Tensor | None,
+    selected: Tensor,
+    executor: str,
+    order: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The forward kernels of ``lay`` twice per batch element (selected blocks, the others),
+    merged through their log-sum-exp; ``order [B, Hkv, Skv]`` for a run-time key order."""
     from attncc.codegen.forward import attention_fwd
 
     target = "interpret" if executor == "interpret" else "cuda"
-    lay = layout(plan)
     table_sel, table_not = tables_triton(selected, lay, target)
-    h = plan.num_heads
+    h = lay.plan.num_heads
     outs, lses = [], []
     for b in range(q.shape[0]):
         mt = None if mask_tensor is None else mask_tensor[b : b + 1] if mask_tensor.shape[0] > 1 else mask_tensor
         qb, kb, vb = q[b : b + 1], k[b : b + 1], v[b : b + 1]
-        o1, l1 = attention_fwd(lay.plan_sel, qb, kb, vb, mt, target=target, block_table=_batch_table(table_sel, b, h))
-        o2, l2 = attention_fwd(lay.plan_not, qb, kb, vb, mt, target=target, block_table=_batch_table(table_not, b, h))
+        ob = None if order is None else order[b : b + 1]
+        o1, l1 = attention_fwd(
+            lay.plan_sel, qb, kb, vb, mt, target=target, block_table=_batch_table(table_sel, b, h), kv_order=ob
+        )
+        o2, l2 = attention_fwd(
+            lay.plan_not, qb, kb, vb, mt, target=target, block_table=_batch_table(table_not, b, h), kv_order=ob
+        )
         o, lse = _merge(o1, l1, o2, l2)
         outs.append(o)
         lses.append(lse)
@@ -597,6 +616,40 @@ def select_permuted(plan: AttentionPlan, q: Tensor, k: Tensor, order: Tensor) ->
     return selected
 
 
+def _segment_labels(labels: Tensor, per: int) -> Tensor:
+    """Block labels ``[P, nq, nk]`` (model order) -> labels valid for any key order that permutes
+    keys only inside runs of ``per`` kv blocks: full where the whole run is full, empty where it
+    is all empty, partial (predicate evaluated at model positions) otherwise."""
+    p, nq, nk = labels.shape
+    width = -(-nk // per) * per
+    as_full = labels.new_full((p, nq, width), 2)
+    as_empty = labels.new_zeros((p, nq, width))
+    as_full[..., :nk] = labels
+    as_empty[..., :nk] = labels
+    all_full = (as_full.view(p, nq, -1, per) == 2).all(-1)
+    all_empty = (as_empty.view(p, nq, -1, per) == 0).all(-1)
+    runs = torch.where(all_full, 2, torch.where(all_empty, 0, 1)).to(labels.dtype)
+    return runs.repeat_interleave(per, -1)[..., :nk].contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def permuted_layout(plan: AttentionPlan, segment: int) -> DynamicLayout:
+    """:func:`layout` for keys in a run-time order sorted inside ``segment``-token runs: labels
+    over slot blocks (each slot block holds keys of one segment) and forward plans that take
+    the order as a kernel argument."""
+    lay = layout(plan)
+    if segment % plan.block_kv:
+        raise ValueError(f"segment {segment} must be a multiple of the kernel kv block {plan.block_kv}")
+    per = segment // plan.block_kv
+    return dataclasses.replace(
+        lay,
+        labels_sel=_segment_labels(lay.labels_sel, per),
+        labels_not=_segment_labels(lay.labels_not, per),
+        plan_sel=dataclasses.replace(lay.plan_sel, runtime_key_order=True),
+        plan_not=dataclasses.replace(lay.plan_not, runtime_key_order=True),
+    )
+
+
 def _slot_masks(plan: AttentionPlan, selected: Tensor, order: Tensor) -> Tensor:
     """``[B, H, Sq, Skv]`` bool in slot order: ``when_selected`` on selected slot blocks,
     ``when_not`` elsewhere, each evaluated at the model position the slot holds."""
@@ -630,15 +683,15 @@ def run_permuted(
     segment: int,
 ) -> tuple[Tensor, Tensor]:
     """Forward of a plan whose keys are sorted by importance inside segments at run time: order,
-    select in slot order, gather k/v (and the model's mask tensor) into slot order and attend
-    there. Queries keep model order, so outputs need no scatter. ``torch``/``reference`` only."""
-    if executor not in ("torch", "reference"):
-        raise ValueError(
-            f"rule '{plan.rule}': a run-time key permutation runs on executor 'torch' or 'reference', not "
-            f"'{executor}' (the forward kernel's Order is one permutation shared by queries, keys and heads)"
-        )
+    select in slot order (torch reference estimator, any device), then attend in slot order:
+    ``torch``/``reference`` gather k/v (and the model's mask tensor) and run dense attention;
+    ``triton``/``interpret`` run the forward kernels with the order as an argument (k/v are
+    gathered inside the kernel, the mask tensor stays in model order). Queries keep model order,
+    so outputs need no scatter."""
     order = key_order(q, k, segment)
     selected = select_permuted(plan, q, k, order)
+    if executor not in ("torch", "reference"):
+        return _attend_kernels(permuted_layout(plan, segment), q, k, v, mask_tensor, selected, executor, order)
     allowed = _slot_masks(plan, selected, order)
     ks, vs = _gather_keys(k, order), _gather_keys(v, order)
     if mask_tensor is not None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 from attncc.passes.detect import AttentionSite
-from attncc.passes.normalize import val
 from torch import fx
 
 import attncc.op_dynamic  # noqa: F401  (registers the op variants)
@@ -102,13 +101,6 @@ def _check_link(spec: Spec, index: int, site: AttentionSite, producer: Attention
             )
 
 
-def _resolved_executor(executor: str, site: AttentionSite) -> str:
-    if executor != "auto":
-        return executor
-    q = val(site.q.node)
-    return "triton" if isinstance(q, torch.Tensor) and q.device.type == "cuda" else "torch"
-
-
 def thread_selections(
     gm: fx.GraphModule,
     sites: list[AttentionSite],
@@ -129,14 +121,6 @@ def thread_selections(
         rule, name = spec.rules[index], spec.rule_name(index)
         q, k, v, mask, plan_key, op_executor = site.call.args  # type: ignore[union-attr]
         if rule.permute is not None and rule.permute.by is not None:
-            resolved = _resolved_executor(executor, site)
-            if resolved not in ("torch", "reference"):
-                raise spec.error(
-                    f"rule '{name}' at {_where(site)} orders keys at run time (permute.by), which runs on "
-                    f"executor 'torch' or 'reference' only, not '{resolved}' (the forward kernel's Order is "
-                    f"one permutation shared by queries, keys and heads)",
-                    ("rules", index, "permute", "by"),
-                )
             permuted = (q, k, v, mask, plan_key, op_executor, rule.permute.segment)
             _retarget(graph, site, torch.ops.attncc.attention_permuted.default, permuted)
             result.permuted.append(site)
