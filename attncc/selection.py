@@ -195,7 +195,7 @@ def _rule_index(spec, name: str) -> int | None:
 def runtime_problem(spec, index: int) -> tuple[str, tuple] | None:
     """Why rule ``index``'s ``reuse`` or ``permute.by`` cannot run as written, as (what, key path),
     or None. Checks what the spec alone decides; what depends on the bound sites (a producer
-    before the consumer, equal shapes, the executor) is checked by the ``reuse`` pass."""
+    before the consumer, equal shapes) is checked by the ``reuse`` pass."""
     rule = spec.rules[index]
     reuse, permute = rule.reuse, rule.permute
     by = permute is not None and permute.by is not None

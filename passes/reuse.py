@@ -9,7 +9,7 @@
 * ``permute: {by: key_importance, segment}`` (PBS-Attn): ``attention_permuted``.
 
 What the spec alone decides is checked by :func:`attncc.selection.runtime_problem`; what
-depends on the sites (a producer before the consumer, equal shapes, the executor) is checked
+depends on the sites (a producer before the consumer, equal shapes) is checked
 here, each refusal a SpecError naming the rule.
 """
 
