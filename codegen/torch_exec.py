@@ -435,8 +435,9 @@ def _unit_q(x: torch.Tensor, unit: _Unit, nqb: int, bq: int) -> torch.Tensor:
     b, h, sq, d = x.shape
     n_kv, g = unit.q_heads.shape
     heads = unit.q_heads.flatten()
-    if torch.equal(heads, torch.arange(heads[0], heads[0] + heads.numel())):
-        xu = x.narrow(1, int(heads[0]), heads.numel())
+    first = int(heads[0])
+    if torch.equal(heads, torch.arange(first, first + heads.numel())):
+        xu = x.narrow(1, first, heads.numel())
     else:
         xu = x.index_select(1, heads.to(x.device))
     if nqb * bq != sq:
@@ -451,8 +452,9 @@ def _unit_kv(x: torch.Tensor, unit: _Unit) -> torch.Tensor:
     """[B, Hkv, Skv, D] -> [B * n_kv, Skv, D] (a view when the unit's kv heads are consecutive)."""
     b, _, skv, d = x.shape
     kvh = unit.kv_heads
-    if torch.equal(kvh, torch.arange(kvh[0], kvh[0] + kvh.numel())):
-        xu = x.narrow(1, int(kvh[0]), kvh.numel())
+    first = int(kvh[0])
+    if torch.equal(kvh, torch.arange(first, first + kvh.numel())):
+        xu = x.narrow(1, first, kvh.numel())
     else:
         xu = x.index_select(1, kvh.to(x.device))
     return xu.reshape(b * kvh.numel(), skv, d)
