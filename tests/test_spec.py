@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
 
@@ -172,8 +171,6 @@ def test_unmatched_site_is_dense():
     ids=["topk", "threshold_in_head", "permute_by", "reuse"],
 )
 def test_dynamic_constructs_are_validated_but_refused_at_bind_time(rule, what):
-    if "selector" in what and importlib.util.find_spec("attncc.selection") is not None:
-        pytest.skip("selectors execute where attncc.selection is installed (its tests cover refusals)")
     spec = load_spec({"attncc": 1, "rules": [dict(rule, name="dyn")]})
     with pytest.raises(SpecError, match=re.escape(f"rule 'dyn' uses {what}") + ".*cannot execute yet"):
         check_executable(spec, 0)
