@@ -593,12 +593,20 @@ def main(argv=None) -> int:
     }
     path = (args.out or RESULTS / f"{result['machine']}-{result['date']}.json") if args.json or args.out else None
 
+    mode = "compile_overhead" if args.compile_overhead else "scale" if args.scale else None
+
     def save() -> None:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(path.read_text()) if path.exists() else {}
-        old.update(result)
+        if mode is None:
+            old.update(result)
+        else:
+            # a side mode adds its rows (and its own run's argv and load) beside the matrix, whose
+            # top-level run description stays as it was
+            run = {k: v for k, v in result.items() if k != mode}
+            old.update({mode: result.get(mode), f"{mode}_run": run})
         path.write_text(json.dumps(old, indent=1, default=str) + "\n")
 
     if args.compile_overhead:
