@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from bench import attention as B
 
 
@@ -62,12 +60,3 @@ def test_flex_predicates_match_plan_masks():
 def test_machine_name_is_a_file_name():
     name = B.machine_name()
     assert name and all(c.isalnum() or c == "-" for c in name)
-
-
-def test_compile_overhead_reports_or_skips(capsys, monkeypatch):
-    import importlib.util
-
-    if importlib.util.find_spec("attncc.backend") is not None:
-        pytest.skip("backend present: the full mode is too slow for a unit test")
-    assert B.main(["--compile-overhead"]) == 0
-    assert "skipped" in capsys.readouterr().err
