@@ -61,7 +61,7 @@ def _retarget(graph: fx.Graph, site: AttentionSite, target, args: tuple) -> fx.N
     assert old is not None
     with graph.inserting_before(old):
         new = graph.call_function(target, args)
-    new.meta.update({k: v for k, v in old.meta.items() if k != "val"})
+    new.meta.update({k: v for k, v in old.meta.items() if k not in ("val", "example_value")})
     old.replace_all_uses_with(new)
     graph.erase_node(old)
     site.call = new
@@ -162,7 +162,7 @@ def thread_selections(
                 )
                 with graph.inserting_after(made):
                     sel = graph.call_function(operator.getitem, (made, 2))
-                sel.meta.update({k: v for k, v in made.meta.items() if k != "val"})
+                sel.meta.update({k: v for k, v in made.meta.items() if k not in ("val", "example_value")})
                 selection[producer.index] = sel
             reused = (q, k, v, mask, sel, plan_key, op_executor)
             _retarget(graph, site, torch.ops.attncc.attention_reuse.default, reused)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch
 from attncc.passes.detect import AttentionSite, MaskTerm, Operand
 from attncc.passes.normalize import val
 from torch import fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from attncc import registry
 
@@ -28,11 +30,13 @@ class _Emitter:
     def method(self, name: str, *args) -> fx.Node:
         node = self.graph.call_method(name, args)
         node.meta.update(self.meta)
+        _record_value(node, lambda t, *rest: getattr(t, name)(*rest), args)
         return node
 
     def function(self, fn, *args) -> fx.Node:
         node = self.graph.call_function(fn, args)
         node.meta.update(self.meta)
+        _record_value(node, fn, args)
         return node
 
     def to_bhsd(self, node: fx.Node, roles: list[str], order: list[str], split: tuple[int, int]) -> fx.Node:
@@ -97,6 +101,24 @@ class _Emitter:
         elif nb == 0:
             m = self.method("unsqueeze", self.method("unsqueeze", m, 0), 0)
         return m
+
+
+def _record_value(node: fx.Node, fn, args: tuple) -> None:
+    """Give an emitted node the fake ``example_value`` Dynamo gives its own nodes. Inductor's
+    AOTAutograd cache refuses a graph whose method calls lack it, and a refused graph is retraced
+    and recompiled on every compile. Metadata only: when it cannot be computed (a graph built
+    without fake values), the node is left without it and the graph is simply not cached."""
+    if any(val(a) is None for a in node.all_input_nodes):
+        return
+    vals = fx.node.map_arg(args, val)
+    fakes = [v for v in vals if isinstance(v, FakeTensor)]
+    # no fake tensor among the arguments: getitem on the op's (fake) result tuple
+    mode = fakes[0].fake_mode if fakes else contextlib.nullcontext()
+    try:
+        with mode:
+            node.meta["example_value"] = fn(*vals)
+    except Exception:  # noqa: BLE001 - see the docstring: falling back is only a cache miss
+        return
 
 
 def _first_dim_after(node: fx.Node, _unused) -> int | None:
