@@ -52,6 +52,17 @@ def _line_key(path: Path_) -> tuple[str, ...]:
     return tuple(str(x) for x in path)
 
 
+def _yaml_error(e: yaml.MarkedYAMLError, template: str, source: str) -> SpecError:
+    """A PyYAML error as a SpecError at the line and column PyYAML marked."""
+    mark = e.problem_mark or e.context_mark
+    return SpecError(
+        template.format(e.problem or e.context),
+        source,
+        mark.line + 1 if mark else None,
+        mark.column + 1 if mark else None,
+    )
+
+
 def _positions(
     node: yaml.Node,
     path: Path_,
@@ -515,13 +526,7 @@ def _read(src: Any) -> tuple[str, Any, dict]:
     try:
         node = yaml.compose(text, Loader=_LineLoader)
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise SpecError(
-            f"YAML syntax error: {e.problem or e.context}",
-            source,
-            mark.line + 1 if mark else None,
-            mark.column + 1 if mark else None,
-        ) from None
+        raise _yaml_error(e, "YAML syntax error: {}", source) from None
     except yaml.YAMLError as e:
         raise SpecError(f"YAML error: {e}", source) from None
     if node is None:
@@ -530,13 +535,7 @@ def _read(src: Any) -> tuple[str, Any, dict]:
     try:
         data = yaml.load(text, Loader=_LineLoader)
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        raise SpecError(
-            f"YAML error: {e.problem or e.context} (only plain YAML is allowed: no Python tags)",
-            source,
-            mark.line + 1 if mark else None,
-            mark.column + 1 if mark else None,
-        ) from None
+        raise _yaml_error(e, "YAML error: {} (only plain YAML is allowed: no Python tags)", source) from None
     return source, data, lines
 
 
