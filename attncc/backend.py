@@ -4,7 +4,6 @@ rewritten graph to inductor (default) or run it eagerly."""
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import pathlib
@@ -13,13 +12,17 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import fx
 
-import attncc.op  # noqa: F401  (registers attncc::attention)
+from attncc.codegen import dump as kernel_dump
+from attncc.codegen.executors import NAMES as EXECUTOR_NAMES
+from attncc.codegen.forward.generate import kernel_name
 from attncc.config import config
 from attncc.counters import counters
+from attncc.ir.plan import plan_density
 from attncc.passes import pipeline
+from attncc.passes.detect import AttentionSite
+from attncc.runtime.selection_cache import SelectionCache
 from attncc.spec import Spec, load_spec
 
 log = logging.getLogger("attncc")
@@ -43,8 +46,6 @@ class Options:
 
     @classmethod
     def parse(cls, options: dict[str, Any] | None) -> Options:
-        from attncc.codegen.executors import EXECUTORS
-
         options = dict(options or {})
         unknown = sorted(set(options) - set(_OPTIONS))
         if unknown:
@@ -52,15 +53,13 @@ class Options:
         spec_src = options.get("spec", {"attncc": 1, "rules": [{"mask": "full"}]})
         executor = options.get("executor", config.executor)
         inner = options.get("inner", config.inner)
-        if executor not in EXECUTORS:
-            raise ValueError(f"attncc option executor={executor!r}: expected one of {', '.join(EXECUTORS)}")
+        if executor not in EXECUTOR_NAMES:
+            raise ValueError(f"attncc option executor={executor!r}: expected one of {', '.join(EXECUTOR_NAMES)}")
         if inner not in _INNERS:
             raise ValueError(f"attncc option inner={inner!r}: expected one of {', '.join(_INNERS)}")
         dump = options.get("dump_dir", config.dump_dir)
         cache = options.get("selection_cache")
         if cache is not None:
-            from attncc.selection_cache import SelectionCache
-
             if not isinstance(cache, SelectionCache):
                 raise ValueError(f"attncc option selection_cache: expected an attncc.SelectionCache, got {cache!r}")
         return cls(
@@ -110,12 +109,7 @@ class Dumper:
         record = manifest(st)
         plans = [s.plan for s in st.rewritten]
         if plans:
-            try:
-                dump_mod = importlib.import_module("attncc.codegen.dump")
-            except ImportError:
-                dump_mod = None
-            if dump_mod is not None:
-                dump_mod.write_kernels(self.folder, plans, manifest=record, aot=bool(config.dump_aot))
+            kernel_dump.write_kernels(self.folder, plans, manifest=record, aot=bool(config.dump_aot))
         if config.dump_mlir:
             record["mlir"] = write_mlir(self.folder / "rewritten.mlir", gm, example_inputs)
         (self.folder / "manifest.json").write_text(json.dumps(record, indent=2, default=str))
@@ -146,7 +140,8 @@ def write_mlir(path: pathlib.Path, gm: fx.GraphModule, example_inputs: list | No
     return {"file": path.name, "dialect": "torch", "attncc_op": 'torch.operator "torch.attncc.attention"'}
 
 
-def site_record(s) -> dict:
+def site_record(s: AttentionSite, bound: dict[int, Any]) -> dict:
+    """A site's manifest entry (with its plan, kernel and density when a rule bound it)."""
     rec = {
         "site": s.index,
         "module": s.module,
@@ -164,18 +159,18 @@ def site_record(s) -> dict:
         "model_mask": str(s.model_mask),
         "runtime_mask": s.mask_kind,
         "fx_nodes": s.node_names,
-        "rule": s.rule,
+        "rule": None,
         "notes": s.notes,
     }
-    if s.plan is not None:
-        from attncc.explain import head_density, kernel_name
-
+    b = bound.get(s.index)
+    if b is not None:
         rec.update(
             {
-                "plan_key": s.plan.key(),
-                "plan": s.plan.to_dict(),
-                "kernel": kernel_name(s.plan),
-                "density": head_density(s.plan),
+                "rule": b.rule,
+                "plan_key": b.plan.key(),
+                "plan": b.plan.to_dict(),
+                "kernel": kernel_name(b.plan),
+                "density": None if b.plan.is_dynamic else plan_density(b.plan).per_head(),
             }
         )
     return rec
@@ -183,11 +178,12 @@ def site_record(s) -> dict:
 
 def manifest(st: pipeline.PipelineState) -> dict:
     det = st.detected
+    bound = {b.site.index: b for b in st.bound.bound} if st.bound else {}
     return {
         "spec": st.spec.name,
         "executor": st.executor,
-        "sites": [site_record(s) for s in (det.sites if det else [])],
-        "rewritten": [s.index for s in st.rewritten],
+        "sites": [site_record(s, bound) for s in (det.sites if det else [])],
+        "rewritten": [s.site.index for s in st.rewritten],
         "unbound": [s.index for s in (st.bound.unbound if st.bound else [])],
         "skipped": [{"module": k.module, "nodes": k.nodes, "reason": k.reason} for k in (det.skipped if det else [])],
     }
@@ -236,6 +232,3 @@ def attncc_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, 
     from torch._inductor.compile_fx import compile_fx
 
     return compile_fx(gm, example_inputs)
-
-
-_ = torch

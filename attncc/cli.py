@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
-from dataclasses import dataclass
 
 import torch
 
-from attncc import masks as M
-from attncc.blocks import EMPTY, FULL, PARTIAL, classify, count_allowed
-from attncc.permute import TilePermutation
-from attncc.plan import _ranges
-from attncc.spec import Spec, SpecError, check_executable, json_schema, load_spec
+from attncc.codegen.dump import write_kernels
+from attncc.ir import masks as M
+from attncc.ir.blocks import EMPTY, FULL, PARTIAL, classify
+from attncc.ir.dtypes import DTYPES, SPELLINGS
+from attncc.ir.plan import AttentionPlan, PlanDensity, plan_density, ranges
+from attncc.ir.selection import selectors_of
+from attncc.spec import SiteShape, SpecError, json_schema, load_spec, plan_for
 
 #: token-level detail is drawn in --png pictures up to this many (q, kv) pairs
 _PNG_TOKEN_PAIRS = 1024 * 1024
@@ -32,64 +34,6 @@ def _validate(args: argparse.Namespace) -> int:
             continue
         print(f"{path}: ok ({spec.name}: {len(spec.rules)} rule{'s' * (len(spec.rules) != 1)})")
     return 1 if failed else 0
-
-
-@dataclass(frozen=True)
-class _Group:
-    """Heads of one layer that share a mask program (one row of the explain table)."""
-
-    layer: int
-    rule_index: int
-    rule: str
-    heads: tuple[int, ...]
-    mask: M.Mask
-    head: int  # the head evaluated (matters for head-dependent masks only)
-    block_q: int
-    block_kv: int
-    permute: TilePermutation | None
-
-
-@dataclass(frozen=True)
-class _Stats:
-    density: float
-    empty: int
-    partial: int
-    full: int
-
-    @property
-    def visited(self) -> float:
-        total = self.empty + self.partial + self.full
-        return (self.partial + self.full) / total if total else 0.0
-
-
-def _groups(spec: Spec, layer: int, module: str, num_heads: int) -> tuple[str, list[_Group]]:
-    """(rule name or a note, head groups) of one layer; raises SpecError for what cannot run."""
-    i = spec.match(layer, module)
-    if i is None:
-        return "-", []
-    check_executable(spec, i)
-    programs, index = spec.head_policy(i, num_heads)
-    block_q, block_kv = spec.block_sizes(i)
-    perm = spec.permutation(i)
-    groups = []
-    for p_i, prog in enumerate(programs):
-        heads = tuple(h for h, j in enumerate(index) if j == p_i)
-        split = [(h,) for h in heads] if prog.depends_on_head else [heads]
-        for hs in split:
-            groups.append(_Group(layer, i, spec.rule_name(i), hs, prog, hs[0], block_q, block_kv, perm))
-    return spec.rule_name(i), groups
-
-
-def _order(group: _Group) -> torch.Tensor | None:
-    return None if group.permute is None else group.permute.index()
-
-
-def _stats(group: _Group, q_len: int, kv_len: int, q_offset: int) -> _Stats:
-    order = _order(group)
-    allowed, counts = count_allowed(
-        group.mask, q_len, kv_len, group.block_q, group.block_kv, group.head, order, order, q_offset
-    )
-    return _Stats(allowed / (q_len * kv_len), int(counts[EMPTY]), int(counts[PARTIAL]), int(counts[FULL]))
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -112,56 +56,36 @@ def _explain(args: argparse.Namespace) -> int:
         if v < low:
             print(f"error: {name} must be >= {low}, got {v}", file=sys.stderr)
             return 2
+    rows: list[list[str]] = []
+    # each distinct plan once: its density and the layers that use it (for the picture)
+    densities: dict[AttentionPlan, PlanDensity] = {}
+    layers_of: dict[AttentionPlan, list[int]] = {}
     try:
         spec = load_spec(args.spec)
-        rows: list[list[str]] = []
-        drawn: dict[tuple, list[_Group]] = {}
-        cache: dict[tuple, _Stats] = {}
         for layer in range(args.layers):
-            rule, groups = _groups(spec, layer, args.module, args.heads)
-            if not groups:
-                rows.append(
-                    [
-                        str(layer),
-                        "-",
-                        _ranges(list(range(args.heads))),
-                        "1.0000",
-                        "-",
-                        "-",
-                        "-",
-                        "-",
-                        "no rule matches: left to the model's own attention",
-                    ]
-                )
+            shape = SiteShape(args.heads, q_len, kv_len, layer, args.module, q_offset=args.q_offset)
+            plan = plan_for(spec, shape)
+            if plan is None:
+                heads = ranges(list(range(args.heads)))
+                note = "no rule matches: left to the model's own attention"
+                rows.append([str(layer), "-", heads, "1.0000", "-", "-", "-", "-", note])
                 continue
-            for g in groups:
-                key = (g.mask, g.head if g.mask.depends_on_head else 0, g.block_q, g.block_kv, g.permute)
-                if key not in cache:
-                    if g.permute is not None:
-                        try:
-                            g.permute.check(q_len, "query")
-                            g.permute.check(kv_len, "key")
-                        except M.MaskError as e:
-                            raise spec.error(e.message, ("rules", g.rule_index, "permute")) from None
-                    try:
-                        cache[key] = _stats(g, q_len, kv_len, args.q_offset)
-                    except M.MaskError as e:
-                        raise spec.error(e.message, ("rules", g.rule_index, "mask")) from None
-                st = cache[key]
-                drawn.setdefault(key, []).append(g)
-                rows.append(
-                    [
-                        str(layer),
-                        rule,
-                        _ranges(list(g.heads)),
-                        f"{st.density:.4f}",
-                        str(st.empty),
-                        str(st.partial),
-                        str(st.full),
-                        f"{st.visited:.4f}",
-                        str(g.mask),
-                    ]
+            if plan.is_dynamic:
+                methods = sorted({f"'{sel.method}'" for p in plan.programs for sel in selectors_of(p)})
+                raise spec.error(
+                    f"rule '{plan.rule}' selects blocks from the data at run time ({', '.join(methods)}): its density "
+                    "depends on the inputs, so it has no static block map",
+                    ("rules", spec.match(layer, args.module) or 0, "mask"),
                 )
+            if plan not in densities:
+                densities[plan] = plan_density(plan)
+            layers_of.setdefault(plan, []).append(layer)
+            for prog in densities[plan].programs:
+                density = prog.allowed / (q_len * kv_len)
+                visited = f"{prog.visited / prog.blocks:.4f}"
+                counts = [str(prog.empty), str(prog.partial), str(prog.full)]
+                mask = str(plan.programs[prog.program])
+                rows.append([str(layer), plan.rule, ranges(list(prog.heads)), f"{density:.4f}", *counts, visited, mask])
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -171,12 +95,12 @@ def _explain(args: argparse.Namespace) -> int:
     )
     print(_table(rows, ["layer", "rule", "heads", "density", "empty", "partial", "full", "visited", "mask"]))
     if args.png:
-        _draw(args.png, list(drawn.values()), q_len, kv_len, args.q_offset)
+        _draw(args.png, layers_of)
         print(f"block map written to {args.png}")
     return 0
 
 
-def _draw(path: str, panels: list[list[_Group]], q_len: int, kv_len: int, q_offset: int) -> None:
+def _draw(path: str, layers_of: dict[AttentionPlan, list[int]]) -> None:
     """One block map per distinct mask program, in kernel (permuted) order: white empty, orange
     partial (allowed tokens darker when small enough to see), blue full."""
     import matplotlib
@@ -184,41 +108,56 @@ def _draw(path: str, panels: list[list[_Group]], q_len: int, kv_len: int, q_offs
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = panels[:_PNG_PANELS]
-    cols = min(len(panels), 4)
-    rows = -(-len(panels) // cols)
+    # the distinct (program, blocks, permutation) panels, with the layers and heads drawing them
+    panels: dict[tuple, tuple[AttentionPlan, int, set[int], set[int]]] = {}
+    for plan, layers in layers_of.items():
+        for i, (prog, head) in enumerate(zip(plan.programs, plan.program_heads())):
+            key = (prog, head if prog.depends_on_head else 0, plan.block_q, plan.block_kv, plan.permute)
+            entry = panels.setdefault(key, (plan, i, set(), set()))
+            entry[2].update(layers)
+            entry[3].update(plan.heads_of(i))
+    chosen = list(panels.values())[:_PNG_PANELS]
+    cols = min(len(chosen), 4)
+    rows = -(-len(chosen) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
-    colors = {EMPTY: (1.0, 1.0, 1.0), PARTIAL: (0.99, 0.82, 0.6), FULL: (0.25, 0.45, 0.8)}
     for ax in axes.flat:
         ax.axis("off")
-    for ax, groups in zip(axes.flat, panels):
-        g = groups[0]
-        order = _order(g)
-        labels = classify(g.mask, q_len, kv_len, g.block_q, g.block_kv, g.head, order, order, q_offset)
-        if q_len * kv_len <= _PNG_TOKEN_PAIRS:
-            tokens = labels.repeat_interleave(g.block_q, 0).repeat_interleave(g.block_kv, 1)[:q_len, :kv_len]
-            image = torch.tensor([colors[c] for c in (EMPTY, PARTIAL, FULL)])[tokens.long()]
-            allowed = M.dense(g.mask, q_len, kv_len, heads=[g.head], q_offset=q_offset)[0]
-            if order is not None:
-                allowed = allowed[order][:, order]
-            image[(tokens == PARTIAL) & allowed] = torch.tensor((0.85, 0.4, 0.05))
-            extent = None
-        else:
-            image = torch.tensor([colors[c] for c in (EMPTY, PARTIAL, FULL)])[labels.long()]
-            extent = (0, kv_len, q_len, 0)
-        ax.imshow(image.numpy(), interpolation="nearest", extent=extent)
+    for ax, (plan, i, layer_set, heads) in zip(axes.flat, chosen):
+        ax.imshow(_block_image(plan, i), interpolation="nearest", extent=_extent(plan))
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])
-        layers = _ranges(sorted({x.layer for x in groups}))
-        heads = _ranges(sorted({h for x in groups for h in x.heads}))
-        title = f"layers {layers}, heads {heads}\n{_shorten(str(g.mask), 44)}"
-        if g.permute is not None:
+        title = (
+            f"layers {ranges(sorted(layer_set))}, heads {ranges(sorted(heads))}\n{_shorten(str(plan.programs[i]), 44)}"
+        )
+        if plan.permute is not None:
             title += "\n(tiled order)"
         ax.set_title(title, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _extent(plan: AttentionPlan) -> tuple[int, int, int, int] | None:
+    return None if plan.q_len * plan.kv_len <= _PNG_TOKEN_PAIRS else (0, plan.kv_len, plan.q_len, 0)
+
+
+def _block_image(plan: AttentionPlan, program: int):
+    """The RGB picture of one program's block map (token-level detail for small sequences)."""
+    colors = {EMPTY: (1.0, 1.0, 1.0), PARTIAL: (0.99, 0.82, 0.6), FULL: (0.25, 0.45, 0.8)}
+    palette = torch.tensor([colors[c] for c in (EMPTY, PARTIAL, FULL)])
+    mask, head, order = plan.programs[program], plan.program_heads()[program], plan.order()
+    q_len, kv_len = plan.q_len, plan.kv_len
+    labels = classify(mask, q_len, kv_len, plan.block_q, plan.block_kv, head, order, order, plan.q_offset)
+    if _extent(plan) is not None:
+        return palette[labels.long()].numpy()
+    tokens = labels.repeat_interleave(plan.block_q, 0).repeat_interleave(plan.block_kv, 1)[:q_len, :kv_len]
+    image = palette[tokens.long()]
+    allowed = M.dense(mask, q_len, kv_len, heads=[head], q_offset=plan.q_offset)[0]
+    if order is not None:
+        allowed = allowed[order][:, order]
+    image[(tokens == PARTIAL) & allowed] = torch.tensor((0.85, 0.4, 0.05))
+    return image.numpy()
 
 
 def _shorten(text: str, width: int) -> str:
@@ -231,19 +170,42 @@ def _schema(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    # the dump writer lives with the code generator; it is optional for the other commands
+    """Write the kernels a spec gives one attention shape: source, printed plan, TTIR/TTGIR/PTX and
+    manifest.json (no model needed)."""
     try:
-        from attncc.codegen import dump as dump_module
-    except ImportError as e:
-        print(
-            f"error: 'attncc dump' needs attncc.codegen.dump, which is not available in this install ({e})",
-            file=sys.stderr,
+        spec = load_spec(args.spec)
+        shape = SiteShape(
+            num_heads=args.heads,
+            q_len=args.q_len,
+            kv_len=args.kv_len,
+            layer=args.layer,
+            module=args.module,
+            num_kv_heads=args.kv_heads,
+            head_dim=args.head_dim,
+            dtype=SPELLINGS[args.dtype],
         )
-        return 1
-    if not hasattr(dump_module, "main"):
-        print("error: attncc.codegen.dump has no main(argv) entry point", file=sys.stderr)
-        return 1
-    return int(dump_module.main(args.dump_args) or 0)
+        plan = plan_for(spec, shape)
+    except SpecError as e:
+        print(f"attncc dump: {e}", file=sys.stderr)
+        return 2
+    if plan is None:
+        print(f"attncc dump: no rule of {args.spec} matches layer {args.layer} module '{args.module}'", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest.setdefault("spec", str(args.spec))
+    entries = write_kernels(out, [plan], manifest=manifest, archs=tuple(args.arch), aot=not args.no_aot)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    for entry in entries or [k for k in manifest["kernels"] if k["plan_key"] == plan.key()]:
+        print(f"{entry['kernel']}: {out / entry['file']}")
+        for arch, r in entry["targets"].items():
+            if "error" in r:
+                print(f"  {arch}: compile failed: {r['error'].splitlines()[0]}")
+            else:
+                print(f"  {arch}: shared {r['shared_bytes']} B, regs {r.get('num_regs', '?')}")
+    print(f"manifest: {manifest_path}")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -268,8 +230,19 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the JSON schema of spec format v1")
     s.set_defaults(func=_schema)
 
-    d = sub.add_parser("dump", help="write generated kernels and plans of a model (see attncc.codegen.dump)")
-    d.add_argument("dump_args", nargs=argparse.REMAINDER)
+    d = sub.add_parser("dump", help="write the kernels a spec gives one attention shape, and their manifest")
+    d.add_argument("spec", help="spec file (YAML)")
+    d.add_argument("--q-len", type=int, required=True)
+    d.add_argument("--kv-len", type=int, default=None, help="default: --q-len")
+    d.add_argument("--heads", type=int, required=True)
+    d.add_argument("--kv-heads", type=int, default=None, help="GQA kv heads (default: --heads)")
+    d.add_argument("--head-dim", type=int, required=True)
+    d.add_argument("--dtype", default="bf16", choices=sorted(s for s, name in SPELLINGS.items() if DTYPES[name].triton))
+    d.add_argument("--layer", type=int, default=0)
+    d.add_argument("--module", default="")
+    d.add_argument("--arch", type=int, nargs="*", default=[90, 80], help="compute capabilities (default 90 80)")
+    d.add_argument("--no-aot", action="store_true", help="skip the TTIR/TTGIR/PTX compiles")
+    d.add_argument("--out", required=True, help="output folder")
     d.set_defaults(func=_dump)
     return p
 

@@ -9,12 +9,14 @@
 | ``ATTNCC_STRICT`` | bool | ``0`` | default ``strict`` option |
 | ``ATTNCC_DUMP_AOT`` | bool | ``1`` | dumps compile kernels ahead of time (TTIR/PTX, sm_90, sm_80) |
 | ``ATTNCC_DUMP_MLIR`` | bool | ``1`` | dumps hold the rewritten graph as MLIR (torch-mlir) |
+| ``ATTNCC_CACHE_DIR`` | path | ``~/.cache/attncc`` | generated kernel sources (else a private folder per process) |
+
+A leaf module: every layer may read settings from it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +43,7 @@ SETTINGS: dict[str, Setting] = {
     "strict": Setting("ATTNCC_STRICT", bool, False, "unmatched rules or sites are errors"),
     "dump_aot": Setting("ATTNCC_DUMP_AOT", bool, True, "dumped kernels are compiled ahead of time for sm_90/sm_80"),
     "dump_mlir": Setting("ATTNCC_DUMP_MLIR", bool, True, "the dump holds the rewritten graph as MLIR (torch-mlir)"),
+    "cache_dir": Setting("ATTNCC_CACHE_DIR", str, None, "folder for generated kernel sources"),
 }
 
 
@@ -91,4 +94,3 @@ class _Config:
 
 config = _Config()
 scope = config.scope
-_ = dataclasses

@@ -3,40 +3,22 @@ running any attention kernel (the model is traced by Dynamo; its outputs are nev
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from attncc.blocks import count_allowed
-from attncc.plan import AttentionPlan
-
-
-def kernel_name(plan: AttentionPlan) -> str:
-    """The generated kernel's name (codegen's naming when available)."""
-    try:
-        codegen = importlib.import_module("attncc.codegen")
-        fn = getattr(codegen, "kernel_name", None)
-        if fn is not None:
-            return str(fn(plan))
-    except ImportError:
-        pass
-    return f"{plan.pattern}_fwd_kernel"
+from attncc.backend import Options, run_pipeline
+from attncc.codegen.forward.generate import kernel_name
+from attncc.ir.plan import AttentionPlan, plan_density
+from attncc.passes.bind import Bind
+from attncc.passes.graph import val
 
 
 def head_density(plan: AttentionPlan) -> list[float] | None:
     """Fraction of (query, key) pairs each head may attend (structural mask only); None for
     plans whose blocks are selected from the data at run time."""
-    if any(p.is_dynamic for p in plan.programs):
-        return None
-    # exact counts per program from the block classification: no [H, Sq, Skv] mask
-    order = plan.order()
-    allowed = [
-        count_allowed(p, plan.q_len, plan.kv_len, plan.block_q, plan.block_kv, h, order, order, plan.q_offset)[0]
-        for p, h in zip(plan.programs, plan.program_heads())
-    ]
-    return [round(allowed[i] / (plan.q_len * plan.kv_len), 4) for i in plan.head_to_program]
+    return None if plan.is_dynamic else plan_density(plan).per_head()
 
 
 @dataclass
@@ -128,8 +110,6 @@ def _density_text(d: list[float]) -> str:
 def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
     """Trace ``model(*args, **kwargs)`` with Dynamo, detect and bind every attention (no rewrite,
     no attention computed) and report it."""
-    from attncc.backend import Options, run_pipeline
-
     # a dry run: no dump folder (even with ATTNCC_DUMP_DIR set) and no counters
     opts = Options.parse({"spec": spec, "dump_dir": None} if spec is not None else {"dump_dir": None})
     sites: list[SiteInfo] = []
@@ -139,10 +119,12 @@ def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
     def capture(gm, example_inputs, **_):
         nonlocal graphs
         graphs += 1
-        st = run_pipeline(gm, opts, stop_after="bind-spec", count=False)
-        assert st.detected is not None
+        st = run_pipeline(gm, opts, stop_after=Bind.name, count=False)
+        assert st.detected is not None and st.bound is not None
+        bound = {b.site.index: b for b in st.bound.bound}
         for s in st.detected.sites:
-            plan = s.plan
+            b = bound.get(s.index)
+            plan = b.plan if b is not None else None
             sites.append(
                 SiteInfo(
                     module=s.module,
@@ -158,7 +140,7 @@ def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
                     layout=s.layout,
                     model_mask=str(s.model_mask),
                     runtime_mask=s.mask_kind,
-                    rule=s.rule,
+                    rule=b.rule if b is not None else None,
                     density=head_density(plan) if plan is not None else None,
                     kernel=kernel_name(plan) if plan is not None else None,
                     fx_nodes=s.node_names,
@@ -180,8 +162,6 @@ def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
 
 def _placeholder_outputs(gm: torch.fx.GraphModule):
     """A stand-in for the graph that returns zeros of the output shapes (nothing is computed)."""
-    from attncc.passes.normalize import val
-
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     specs = []
     for a in (

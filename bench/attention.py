@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attncc import masks as M
-from attncc.permute import TilePermutation
-from attncc.plan import AttentionPlan
+from attncc.ir import masks as M
+from attncc.ir.permute import TilePermutation
+from attncc.ir.plan import AttentionPlan
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -213,7 +213,7 @@ def machine_name() -> str:
 
 def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     from attncc.codegen.executors import run as attncc_run
-    from attncc.codegen.reference import attention_reference
+    from attncc.codegen.forward.reference import attention_reference
 
     if case.grid is not None:
         seq = case.grid[0] * case.grid[1] * case.grid[2]

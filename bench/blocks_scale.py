@@ -57,8 +57,8 @@ def measure(name: str, what: str, tokens: int, block: int) -> dict:
     """Run in this process (the child): baseline RSS after imports, then the work."""
     import torch
 
-    from attncc.blocks import build_block_table, classify, count_allowed
-    from attncc.permute import TilePermutation
+    from attncc.ir.blocks import build_block_table, classify, count_allowed
+    from attncc.ir.permute import TilePermutation
     from attncc.spec import parse_mask
 
     torch.set_num_threads(1)

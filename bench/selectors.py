@@ -15,10 +15,11 @@ import json
 import time
 
 import torch
-from attncc.codegen import selectors as S
 
-from attncc import masks as M
-from attncc.plan import AttentionPlan
+from attncc.codegen.selectors import layout as SL
+from attncc.codegen.selectors import run as S
+from attncc.ir import masks as M
+from attncc.ir.plan import AttentionPlan
 
 
 def structured_inputs(b, h, s, d, block, hot=4, seed=0):
@@ -73,10 +74,11 @@ def main(argv=None):
             args.block,
             args.block,
         )
-        S.layout(plan)
-        est_t = _time(lambda p=plan: S.select_blocks(p, q, k, args.backend), args.reps)
-        selected = S.select_blocks(plan, q, k, args.backend)
-        cand = S.layout(plan).candidates[0].to(dev)
+        SL.layout(plan)
+        target = None if args.backend == "torch" else args.backend
+        est_t = _time(lambda p=plan: S.select_blocks(p, q, k, target), args.reps)
+        selected = S.select_blocks(plan, q, k, target)
+        cand = SL.layout(plan).candidates[0].to(dev)
         density = float(selected.sum() / (cand.sum() * args.heads))
         rows.append(
             {

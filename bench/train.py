@@ -23,8 +23,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from attncc.codegen.backward import attention
 
+from attncc.runtime.ops import attention
 from bench.attention import RESULTS, Case, cases, flex_mask_mod, interleaved, log, machine_name, make_plan
 
 CASES = ("causal", "window256", "sink64_window512", "per_head")

@@ -1,5 +1,3 @@
-"""Code generation: plans -> Triton kernels, block tables, executors and the kernel dump."""
-
-from attncc.codegen.generate import kernel_name
-
-__all__ = ["kernel_name"]
+"""Code generation and execution: plans -> Triton kernels (forward, backward and selector
+families, each with its reference beside it), the block-sparse CPU path, the executor table,
+the kernel cache, ahead-of-time compiles and the dump. Never imports the passes or the runtime."""

@@ -19,9 +19,8 @@ import sys
 from dataclasses import dataclass
 
 from attncc.codegen.cache import KernelCache, default_cache
-from attncc.codegen.generate import kernel_constexprs, kernel_name, kernel_signature
-
-from attncc.plan import AttentionPlan
+from attncc.codegen.forward.generate import kernel_constexprs, kernel_name, kernel_signature, launch_options
+from attncc.ir.plan import AttentionPlan
 
 #: compute capabilities compiled by default: Hopper, Ampere
 DEFAULT_ARCHS = (90, 80)
@@ -45,7 +44,6 @@ class Job:
 
 def job_for(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike, cache: KernelCache | None = None) -> Job:
     cache = cache or default_cache()
-    num_warps = 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4
     return Job(
         str(cache.source(plan)),
         kernel_name(plan),
@@ -53,7 +51,7 @@ def job_for(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike, cache: K
         kernel_constexprs(plan),
         arch,
         str(out_dir),
-        num_warps,
+        **launch_options(plan),
     )
 
 

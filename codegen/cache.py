@@ -1,10 +1,15 @@
-"""Kernel cache: generated sources on disk keyed by plan hash + generator + Triton version,
-imported once per target (``interpret`` or ``cuda``) per process."""
+"""Kernel cache: generated sources on disk, named by a hash of their own text, imported once per
+(plan, target) per process.
+
+A file's name carries the SHA-256 of the source the generator writes for the plan, so the name
+covers every byte of the file; before a file is imported its content is compared with that
+source, and a file that differs (edited, truncated, written by another version) is rewritten,
+never imported as it is. ``triton.jit`` reads kernel source from the file, so it stays on disk.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import importlib.util
 import os
@@ -12,40 +17,57 @@ import pathlib
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
 import triton
-from attncc.codegen.generate import generate_forward, kernel_name
 
-from attncc.plan import AttentionPlan
+from attncc.codegen.backward.generate import backward_source
+from attncc.codegen.forward.generate import generate_forward, kernel_name
+from attncc.config import config
+from attncc.ir.plan import AttentionPlan
 
+#: kernel targets: the compiled GPU kernels, or the same kernels under the Triton interpreter
 TARGETS = ("interpret", "cuda")
 
 
-def default_cache_dir() -> pathlib.Path:
-    """``$ATTNCC_CACHE_DIR``, else ``~/.cache/attncc`` (else a temp folder when home is read-only)."""
-    env = os.environ.get("ATTNCC_CACHE_DIR")
-    if env:
-        return pathlib.Path(env)
-    home = pathlib.Path(os.path.expanduser("~")) / ".cache" / "attncc"
+@dataclass(frozen=True)
+class KernelFamily:
+    """A kind of generated module: its source from a plan, and the stem of its file name."""
+
+    name: str
+    generate: Callable[[AttentionPlan], str]
+    stem: Callable[[AttentionPlan], str]
+
+
+FORWARD = KernelFamily("forward", generate_forward, kernel_name)
+BACKWARD = KernelFamily("backward", backward_source, lambda plan: f"{plan.pattern}_bwd")
+
+_process_dir: pathlib.Path | None = None
+
+
+def _private_dir(path: pathlib.Path) -> pathlib.Path | None:
+    """``path`` created (mode 0700) and writable by this user, or None."""
     try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:
-        return pathlib.Path(tempfile.gettempdir()) / "attncc-cache"
+        return None
+    return path if os.access(path, os.W_OK | os.X_OK) else None
 
 
-@functools.lru_cache(maxsize=1)
-def _generator_digest() -> str:
-    """Hash of the code that writes kernel text (the templates and the mask predicates): a
-    changed generator never reuses a stale file."""
-    import attncc.masks
-
-    h = hashlib.sha256()
-    for path in (pathlib.Path(__file__).with_name("generate.py"), pathlib.Path(attncc.masks.__file__)):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:8]
+def default_cache_dir() -> pathlib.Path:
+    """``$ATTNCC_CACHE_DIR``, else ``~/.cache/attncc``; where neither is writable, a fresh private
+    folder for this process (never a shared, predictable path)."""
+    global _process_dir
+    if config.cache_dir:
+        return pathlib.Path(str(config.cache_dir))
+    home = _private_dir(pathlib.Path(os.path.expanduser("~")) / ".cache" / "attncc")
+    if home is not None:
+        return home
+    if _process_dir is None:
+        _process_dir = pathlib.Path(tempfile.mkdtemp(prefix="attncc-cache-"))
+    return _process_dir
 
 
 @contextlib.contextmanager
@@ -65,7 +87,7 @@ def _interpret_env(on: bool):
 
 def write_source(path: pathlib.Path, text: str) -> None:
     """Write a generated source atomically (concurrent writers never expose a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
@@ -73,13 +95,13 @@ def write_source(path: pathlib.Path, text: str) -> None:
 
 
 def load_module(path: str | os.PathLike, name: str, target: str) -> ModuleType:
-    """Import the generated source at ``path`` as module ``name`` for ``target`` (``interpret`` or
-    ``cuda``); ``triton.jit`` reads kernel source from the file, so it must stay on disk."""
+    """Import the Python source at ``path`` as module ``name`` for ``target`` (``interpret`` or
+    ``cuda``)."""
     if target not in TARGETS:
         raise ValueError(f"unknown kernel target '{target}'; expected one of {', '.join(TARGETS)}")
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import generated kernel source {path}")
+        raise ImportError(f"cannot import kernel source {path}")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     with _interpret_env(target == "interpret"):
@@ -89,52 +111,66 @@ def load_module(path: str | os.PathLike, name: str, target: str) -> ModuleType:
 
 @dataclass
 class CacheStats:
-    generated: int = 0  # sources generated (cache misses on disk)
+    generated: int = 0  # source files written (absent, or differing from the expected text)
     loaded: int = 0  # modules imported
     hits: int = 0  # lookups served from memory
 
 
 @dataclass
 class KernelCache:
-    """Generated kernel sources under ``root/<triton version>/`` and their imported modules."""
+    """Generated kernel sources under ``root/triton-<version>/`` and their imported modules."""
 
     root: pathlib.Path = field(default_factory=default_cache_dir)
     stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self):
         self.root = pathlib.Path(self.root)
-        self._modules: dict[tuple[str, str], ModuleType] = {}
+        self._modules: dict[tuple[str, AttentionPlan, str], ModuleType] = {}
+        self._sources: dict[tuple[str, AttentionPlan], tuple[pathlib.Path, str]] = {}
         self._lock = threading.Lock()
 
-    def source_key(self, plan: AttentionPlan) -> str:
-        return f"{plan.key()}-{_generator_digest()}"
+    def _expected(self, plan: AttentionPlan, family: KernelFamily) -> tuple[pathlib.Path, str]:
+        key = (family.name, plan)
+        hit = self._sources.get(key)
+        if hit is None:
+            text = family.generate(plan)
+            digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+            hit = (self.root / f"triton-{triton.__version__}" / f"{family.stem(plan)}_{digest}.py", text)
+            self._sources[key] = hit
+        return hit
 
-    def source_path(self, plan: AttentionPlan) -> pathlib.Path:
-        return self.root / f"triton-{triton.__version__}" / f"{kernel_name(plan)}_{self.source_key(plan)}.py"
+    def source_path(self, plan: AttentionPlan, family: KernelFamily = FORWARD) -> pathlib.Path:
+        return self._expected(plan, family)[0]
 
-    def source(self, plan: AttentionPlan) -> pathlib.Path:
-        """Path of the plan's kernel source, generating it only when it is not on disk yet."""
-        path = self.source_path(plan)
-        if not path.exists():
-            write_source(path, generate_forward(plan))
+    def source(self, plan: AttentionPlan, family: KernelFamily = FORWARD) -> pathlib.Path:
+        """Path of the plan's kernel source, holding exactly the text the generator writes:
+        written when absent, rewritten when its content differs."""
+        path, text = self._expected(plan, family)
+        try:
+            current = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            current = None
+        if current != text:
+            write_source(path, text)
             self.stats.generated += 1
         return path
 
-    def module(self, plan: AttentionPlan, target: str) -> ModuleType:
+    def module(self, plan: AttentionPlan, target: str, family: KernelFamily = FORWARD) -> ModuleType:
         """The imported kernel module for ``target`` (``interpret`` or ``cuda``)."""
-        key = (f"{self.source_key(plan)}-{triton.__version__}", target)
+        key = (family.name, plan, target)
         with self._lock:
             mod = self._modules.get(key)
             if mod is not None:
                 self.stats.hits += 1
                 return mod
-            path = self.source(plan)
+            path = self.source(plan, family)
             mod = load_module(path, f"attncc_kernels.{target}.{path.stem}", target)
             self._modules[key] = mod
             self.stats.loaded += 1
             return mod
 
     def kernel(self, plan: AttentionPlan, target: str):
+        """The plan's forward kernel for ``target``."""
         return getattr(self.module(plan, target), kernel_name(plan))
 
 

@@ -1,53 +1,202 @@
-"""Executors: run an AttentionPlan on tensors. ``run`` is the one entry point the custom op calls."""
+"""Executors: the ways a plan runs, as one table looked up by name, and the entry points the
+custom ops call (forward, backward, block selection, attention under a selection).
+
+| name | tensors | what runs |
+| --- | --- | --- |
+| ``triton`` | CUDA | the generated Triton kernels, compiled |
+| ``interpret`` | CPU | the same kernels under the Triton interpreter (tests) |
+| ``torch`` | CPU | the block-sparse CPU path over ATen's fused attention kernel |
+| ``reference`` | any | the exact dense attention from the plan (the oracle) |
+
+``auto`` picks by device (:data:`AUTO`). An executor with a kernel ``target`` also selects blocks
+with the Triton estimator and attends under a selection with the kernels over run-time block
+tables; the others select with the torch reference and attend under a selection densely.
+"""
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from attncc.plan import AttentionPlan
+from attncc.codegen.backward.launch import attention_bwd
+from attncc.codegen.backward.reference import attention_backward_reference
+from attncc.codegen.common import check_inputs
+from attncc.codegen.forward.launch import attention_fwd
+from attncc.codegen.forward.reference import attention_reference
+from attncc.codegen.selectors import run as selectors
+from attncc.codegen.selectors.layout import selection_shape
+from attncc.codegen.torch_exec import attention_torch_backward, attention_torch_forward
+from attncc.ir.plan import AttentionPlan
 
-EXECUTORS = ("auto", "triton", "interpret", "torch", "reference")
+Tensor = torch.Tensor
+Forward = Callable[[AttentionPlan, Tensor, Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+#: (plan, q, k, v, out, lse, dout, mask) -> (dq, dk, dv)
+Backward = Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
-def resolve_executor(name: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA, ``torch`` on CPU; validates the name."""
-    if name not in EXECUTORS:
-        raise ValueError(f"unknown executor '{name}'; expected one of {', '.join(EXECUTORS)}")
+@dataclass(frozen=True)
+class Executor:
+    """One way to run a plan: ``forward`` and ``backward`` of static plans, the device type its
+    tensors live on (None: any), and the kernel ``target`` it runs Triton kernels on (None: it
+    runs none, and selections are computed by the torch reference and applied densely)."""
+
+    name: str
+    device: str | None
+    target: str | None
+    forward: Forward
+    backward: Backward
+    description: str
+
+    def check_device(self, device: torch.device) -> None:
+        if self.device is not None and device.type != self.device:
+            hint = {"cuda": "use 'interpret' or 'torch' on CPU", "cpu": "use 'triton' or 'reference' on CUDA"}
+            raise ValueError(
+                f"executor '{self.name}' runs on {self.device.upper()} tensors, got {device} "
+                f"({hint.get(self.device, 'use reference')})"
+            )
+
+
+def _reference_backward(plan, q, k, v, out, lse, dout, mask):
+    return attention_backward_reference(plan, q, k, v, dout, None, mask)
+
+
+EXECUTORS: dict[str, Executor] = {
+    e.name: e
+    for e in (
+        Executor(
+            "triton",
+            "cuda",
+            "cuda",
+            functools.partial(attention_fwd, target="cuda"),
+            functools.partial(attention_bwd, target="cuda"),
+            "the generated Triton kernels, compiled for the GPU",
+        ),
+        Executor(
+            "interpret",
+            "cpu",
+            "interpret",
+            functools.partial(attention_fwd, target="interpret"),
+            functools.partial(attention_bwd, target="interpret"),
+            "the generated Triton kernels under the Triton interpreter",
+        ),
+        Executor(
+            "torch",
+            "cpu",
+            None,
+            attention_torch_forward,
+            attention_torch_backward,
+            "the block-sparse CPU path over ATen's fused attention",
+        ),
+        Executor(
+            "reference",
+            None,
+            None,
+            attention_reference,
+            _reference_backward,
+            "the exact dense attention (the oracle)",
+        ),
+    )
+}
+#: what ``auto`` means on each device type (anything else: ``reference``)
+AUTO = {"cuda": "triton", "cpu": "torch"}
+#: every name the ``executor`` option accepts
+NAMES = ("auto", *EXECUTORS)
+
+
+def resolve_executor(name: str, device: torch.device) -> Executor:
+    """The executor ``name`` (``auto``: by device) for tensors on ``device``; ValueError for an
+    unknown name or a device the executor does not run on."""
     if name == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return name
+        name = AUTO.get(device.type, "reference")
+    executor = EXECUTORS.get(name)
+    if executor is None:
+        raise ValueError(f"unknown executor '{name}'; expected one of {', '.join(NAMES)}")
+    executor.check_device(device)
+    return executor
 
 
 def run(
+    plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, executor: str = "auto"
+) -> tuple[Tensor, Tensor]:
+    """Forward attention per the plan: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``. A plan with
+    data-dependent selectors estimates and selects its blocks first."""
+    ex = resolve_executor(executor, q.device)
+    check_inputs(plan, q, k, v, mask)
+    if plan.is_dynamic:
+        selected = selectors.select_blocks(plan, q, k, ex.target)
+        return selectors.attend(plan, q, k, v, mask, selected, ex.target)
+    return ex.forward(plan, q, k, v, mask)
+
+
+def run_backward(
     plan: AttentionPlan,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask_tensor: torch.Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    dlse: Tensor | None = None,
+    mask: Tensor | None = None,
     executor: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward attention per the plan: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``."""
-    name = resolve_executor(executor, q.device)
-    if any(p.is_dynamic for p in plan.programs):
-        # block tables built at run time from q/k (data-dependent selectors)
-        from attncc.codegen.selectors import run_dynamic
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)`` in the dtypes of q, k, v, given the forward's ``out`` and ``lse``
+    and the incoming ``dout`` (and ``dlse`` when the log-sum-exp is used downstream: the exact
+    dense backward takes it; the block-sparse backwards do not, so a non-zero ``dlse`` runs
+    the reference)."""
+    ex = resolve_executor(executor, q.device)
+    check_inputs(plan, q, k, v, mask)
+    b, h = q.shape[0], plan.num_heads
+    for what, t, shape in (
+        ("out", out, (b, h, plan.q_len, plan.head_dim_v)),
+        ("dout", dout, (b, h, plan.q_len, plan.head_dim_v)),
+        ("lse", lse, (b, h, plan.q_len)),
+    ):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"attention backward: {what} has shape {list(t.shape)}, the plan expects {list(shape)}")
+    if plan.is_dynamic:
+        raise ValueError(
+            f"rule '{plan.rule}': attention with data-dependent block selection has no backward yet "
+            "(train with a static mask, or run this model under torch.no_grad())"
+        )
+    if dlse is not None and bool((dlse != 0).any()):
+        return attention_backward_reference(plan, q, k, v, dout, dlse, mask)
+    return ex.backward(plan, q, k, v, out, lse, dout.contiguous(), mask)
 
-        return run_dynamic(plan, q, k, v, mask_tensor, name)
-    if name == "reference":
-        from attncc.codegen.reference import attention_reference
 
-        return attention_reference(plan, q, k, v, mask_tensor)
-    if name == "torch":
-        if importlib.util.find_spec("attncc.codegen.torch_exec") is not None:
-            from attncc.codegen.torch_exec import attention_torch
-        else:
-            # until the block-sparse CPU path exists, the dense oracle serves
-            from attncc.codegen.reference import attention_reference as attention_torch
-        return attention_torch(plan, q, k, v, mask_tensor)
-    from attncc.codegen.forward import attention_fwd
+def select(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, executor: str) -> Tensor:
+    """The blocks a dynamic plan's selectors keep for these inputs, ``[B, H, nq, nk]`` bool."""
+    ex = resolve_executor(executor, q.device)
+    check_inputs(plan, q, k, v, mask)
+    return selectors.select_blocks(plan, q, k, ex.target)
 
-    if name == "interpret":
-        return attention_fwd(plan, q, k, v, mask_tensor, target="interpret")
-    return attention_fwd(plan, q, k, v, mask_tensor, target="cuda")
+
+def attend(
+    plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, selected: Tensor, executor: str
+) -> tuple[Tensor, Tensor]:
+    """Attention of a dynamic plan under a selection made by :func:`select` (here or at another
+    site or call)."""
+    ex = resolve_executor(executor, q.device)
+    check_inputs(plan, q, k, v, mask)
+    return selectors.attend(plan, q, k, v, mask, selected, ex.target)
+
+
+def selection_fits(plan: AttentionPlan, selected: Tensor | None, q: Tensor) -> bool:
+    """Whether a stored selection has the shape and device these inputs need."""
+    return (
+        selected is not None
+        and tuple(selected.shape) == selection_shape(plan, q.shape[0])
+        and selected.device == q.device
+    )
+
+
+def run_permuted(
+    plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, executor: str, segment: int
+) -> tuple[Tensor, Tensor]:
+    """Forward of a plan whose keys are ordered by importance inside ``segment``-token runs at run time."""
+    ex = resolve_executor(executor, q.device)
+    check_inputs(plan, q, k, v, mask)
+    return selectors.run_permuted(plan, q, k, v, mask, segment, ex.target)

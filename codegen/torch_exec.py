@@ -30,9 +30,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from attncc import masks as M
-from attncc.blocks import build_block_table
-from attncc.plan import AttentionPlan
+from attncc.ir import masks as M
+from attncc.ir.blocks import build_block_table
+from attncc.ir.plan import AttentionPlan
 
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -587,27 +587,6 @@ def _merge(out_acc, lse_acc, grp, o, lse):
         lse_acc.index_copy_(1, rows, l_old)
 
 
-def _check(plan: AttentionPlan, q, k, v, mask_tensor):
-    b, h, sq, d = q.shape
-    want_q = (h, plan.q_len, plan.head_dim)
-    if (h, sq, d) != want_q:
-        raise ValueError(
-            f"executor 'torch': q has shape {tuple(q.shape)}, the plan expects [B, {h}, {plan.q_len}, "
-            f"{plan.head_dim}] (heads {plan.num_heads})"
-        )
-    if h != plan.num_heads or k.shape[1] != plan.num_kv_heads or k.shape[2] != plan.kv_len:
-        raise ValueError(
-            f"executor 'torch': q/k shapes {tuple(q.shape)}/{tuple(k.shape)} do not match the plan "
-            f"(heads {plan.num_heads}, kv heads {plan.num_kv_heads}, kv_len {plan.kv_len})"
-        )
-    if v.shape[-1] != plan.head_dim_v:
-        raise ValueError(f"executor 'torch': v head dim {v.shape[-1]} != plan head_dim_v {plan.head_dim_v}")
-    if mask_tensor is not None and mask_tensor.dim() > 4:
-        raise ValueError(
-            f"executor 'torch': mask tensor of shape {tuple(mask_tensor.shape)} does not broadcast to [B, H, Sq, Skv]"
-        )
-
-
 def _empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Uninitialised result buffers: every row is written by a call or filled explicitly
     (tests replace this with a NaN fill to prove it)."""
@@ -700,8 +679,9 @@ def _finish(x: torch.Tensor, prep: _Prepared, sq: int, dtype: torch.dtype, last:
 
 
 def attention_torch_forward(plan, q, k, v, mask_tensor=None):
-    """Forward only (no autograd graph). See :func:`attention_torch`."""
-    _check(plan, q, k, v, mask_tensor)
+    """Block-sparse attention on CPU: ``(out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32)``
+    (no autograd graph: :func:`attncc.runtime.ops.attention` differentiates it through
+    :func:`attention_torch_backward`). Rows with no allowed key give zeros and ``lse = -inf``."""
     with torch.no_grad():
         prep, out, lse = _forward(plan, q, k, v, mask_tensor)
         sq = q.shape[2]
@@ -709,10 +689,9 @@ def attention_torch_forward(plan, q, k, v, mask_tensor=None):
 
 
 def attention_torch_backward(plan, q, k, v, out, lse, dout, mask_tensor=None):
-    """Gradients ``(dq, dk, dv)`` of ``attention_torch`` given its ``out`` and ``lse``
+    """Gradients ``(dq, dk, dv)`` of :func:`attention_torch_forward` given its ``out`` and ``lse``
     (``lse`` itself is treated as non-differentiable). Walks the forward's groups with the
     fused CPU backward kernel: each group contributes with the *final* row statistics."""
-    _check(plan, q, k, v, mask_tensor)
     dtype = _compute_dtype(q.dtype)
     prep = prepare(plan, q.device, mask_tensor is not None)
     width = max(plan.head_dim, plan.head_dim_v)
@@ -787,32 +766,3 @@ def attention_torch_backward(plan, q, k, v, out, lse, dout, mask_tensor=None):
         inv = prep.q_inverse.to(q.device)
         dq, dk, dv = dq.index_select(2, inv), dk.index_select(2, inv), dv.index_select(2, inv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-class _AttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan, mask_tensor):
-        out, lse = attention_torch_forward(plan, q, k, v, mask_tensor)
-        ctx.plan, ctx.mask_tensor = plan, mask_tensor
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_torch_backward(ctx.plan, q, k, v, out, lse, dout, ctx.mask_tensor)
-        return dq, dk, dv, None, None
-
-
-def attention_torch(
-    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_tensor: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-sparse attention on CPU: ``(out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32)``.
-
-    Differentiable in q, k and v (through :func:`attention_torch_backward`); ``lse`` carries
-    no gradient and the mask tensor none either. Rows with no allowed key give zeros, ``lse = -inf``.
-    """
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _AttentionFn.apply(q, k, v, plan, mask_tensor)
-    return attention_torch_forward(plan, q, k, v, mask_tensor)

@@ -12,15 +12,25 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import networkx as nx
 import torch
-from attncc.passes.graph import constant_subgraph, depends_on, escaping_nodes, evaluate, to_networkx
-from attncc.passes.normalize import arg, dropout_is_identity, kind, val
 from torch import fx
 
-from attncc import masks as M
+from attncc.ir import masks as M
+from attncc.passes.graph import (
+    arg,
+    constant_subgraph,
+    depends_on,
+    escaping_nodes,
+    evaluate,
+    maybe_tensor,
+    tensor_val,
+    to_networkx,
+    val,
+)
+from attncc.passes.spelling import kind
 
 Role = str  # "b0", "b1", ... batch; "q", "k" sequence; "d" qk dim; "e" value dim
 TermKind = Literal["additive", "allow", "disallow"]
@@ -49,10 +59,11 @@ class Operand:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(val(self.node).shape)  # type: ignore[union-attr]
+        return tuple(tensor_val(self.node).shape)
 
-    def size(self, role: Role) -> object:
-        return val(self.node).shape[self.roles.index(role)]  # type: ignore[union-attr]
+    def size(self, role: Role) -> int:
+        """The size of dim ``role`` (a SymInt where the graph is traced with dynamic shapes)."""
+        return tensor_val(self.node).shape[self.roles.index(role)]
 
 
 @dataclass
@@ -88,16 +99,11 @@ class AttentionSite:
     heads_known: bool = True
     gqa: str = "none"
     is_causal: bool = False
-    plan: object = None
-    rule: str | None = None
-    plan_key: str | None = None
-    # the attncc op call that replaced the site (set by rewrite; later passes may re-target it)
-    call: fx.Node | None = None
     notes: list[str] = field(default_factory=list)
 
     # -- shapes ----------------------------------------------------------------------------------
     def _batch_sizes(self) -> tuple[int, int]:
-        sizes = [int(self.q.size(r)) for r in self.batch]  # type: ignore[call-overload]
+        sizes = [int(self.q.size(r)) for r in self.batch]
         if len(sizes) == 2:
             return sizes[0], sizes[1]
         if len(sizes) == 1:
@@ -117,9 +123,9 @@ class AttentionSite:
     @property
     def num_kv_heads(self) -> int:
         if len(self.batch) == 2:
-            return int(self.k.size(self.batch[1]))  # type: ignore[call-overload]
+            return int(self.k.size(self.batch[1]))
         if len(self.batch) == 1:
-            bh = int(self.k.size(self.batch[0]))  # type: ignore[call-overload]
+            bh = int(self.k.size(self.batch[0]))
             return bh // self.batch_size if self.batch_size and bh % self.batch_size == 0 else bh
         return 1
 
@@ -133,15 +139,15 @@ class AttentionSite:
 
     @property
     def head_dim(self) -> int:
-        return int(self.q.size("d"))  # type: ignore[call-overload]
+        return int(self.q.size("d"))
 
     @property
     def head_dim_v(self) -> int:
-        return int(self.v.size("e"))  # type: ignore[call-overload]
+        return int(self.v.size("e"))
 
     @property
     def dtype(self) -> torch.dtype:
-        return val(self.q.node).dtype  # type: ignore[union-attr]
+        return tensor_val(self.q.node).dtype
 
     @property
     def model_mask(self) -> M.Mask:
@@ -199,11 +205,18 @@ class DetectResult:
     sites: list[AttentionSite]
     skipped: list[Skipped]
 
+    def summary(self) -> str:
+        return "\n".join(
+            [f"site {s.index}: {s.describe()}" for s in self.sites]
+            + [f"skipped: {sk.describe()}" for sk in self.skipped]
+        )
 
-def _hint(x: object) -> int:
+
+def _hint(x: int | torch.SymInt) -> int:
+    """The size a graph was traced with (a symbolic size's hint; no guard is installed)."""
     if isinstance(x, torch.SymInt):
         return int(x.node.hint)
-    return int(x)  # type: ignore[call-overload]
+    return int(x)
 
 
 # -- module paths -------------------------------------------------------------------------------
@@ -253,7 +266,10 @@ def look_through(node: fx.Node, roles: list[Role]) -> Operand:
             roles = roles[:-2] + [roles[-1], roles[-2]]
             node = src
         elif k == "transpose":
-            a, b = _norm_dim(arg(node, 1, "dim0"), n), _norm_dim(arg(node, 2, "dim1"), n)  # type: ignore[arg-type]
+            dim0, dim1 = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+            if not (isinstance(dim0, int) and isinstance(dim1, int)):
+                break
+            a, b = _norm_dim(dim0, n), _norm_dim(dim1, n)
             roles = list(roles)
             roles[a], roles[b] = roles[b], roles[a]
             node = src
@@ -300,11 +316,12 @@ def strip_kv_repeat(op: Operand, head_role: Role) -> tuple[Operand, int]:
     ins = exp.args[0]
     if not isinstance(ins, fx.Node):
         return op, 1
-    five = val(exp)
-    if five is None or five.dim() != len(op.roles) + 1:  # type: ignore[union-attr]
+    five = maybe_tensor(exp)
+    if five is None or five.dim() != len(op.roles) + 1:
         return op, 1
     src = None
-    if kind(ins) == "unsqueeze" and _norm_dim(arg(ins, 1, "dim"), five.dim()) == ax + 1:  # type: ignore[arg-type,union-attr]
+    unsqueeze_dim = arg(ins, 1, "dim")
+    if kind(ins) == "unsqueeze" and isinstance(unsqueeze_dim, int) and _norm_dim(unsqueeze_dim, five.dim()) == ax + 1:
         src = ins.args[0]
     elif kind(ins) == "getitem" and isinstance(ins.args[1], tuple):
         idx = ins.args[1]
@@ -314,9 +331,9 @@ def strip_kv_repeat(op: Operand, head_role: Role) -> tuple[Operand, int]:
             src = ins.args[0]
     if not isinstance(src, fx.Node):
         return op, 1
-    s, out = val(src), val(node)
-    reps = five.shape[ax + 1]  # type: ignore[union-attr]
-    if s is None or out is None or s.dim() != len(op.roles) or s.shape[ax] * reps != out.shape[ax]:  # type: ignore[union-attr]
+    s, out = maybe_tensor(src), maybe_tensor(node)
+    reps = five.shape[ax + 1]
+    if s is None or out is None or s.dim() != len(op.roles) or s.shape[ax] * reps != out.shape[ax]:
         return op, 1
     return Operand(src, op.roles), int(reps)
 
@@ -329,10 +346,10 @@ def _product(node: fx.Node) -> tuple[fx.Node, str, fx.Node, str, str] | None:
         a, b = node.args[0], node.args[1]
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             return None
-        va, vb = val(a), val(b)
-        if va is None or vb is None or va.dim() != vb.dim() or va.dim() < 2:  # type: ignore[union-attr]
+        va, vb = maybe_tensor(a), maybe_tensor(b)
+        if va is None or vb is None or va.dim() != vb.dim() or va.dim() < 2:
             return None
-        batch = "".join(chr(ord("A") + i) for i in range(va.dim() - 2))  # type: ignore[union-attr]
+        batch = "".join(chr(ord("A") + i) for i in range(va.dim() - 2))
         return a, batch + "mn", b, batch + "nr", batch + "mr"
     if k == "einsum":
         eq = node.args[0]
@@ -343,9 +360,10 @@ def _product(node: fx.Node) -> tuple[fx.Node, str, fx.Node, str, str] | None:
             return None
         lhs, out = eq.replace(" ", "").split("->")
         parts = lhs.split(",")
-        if len(parts) != 2 or not all(isinstance(o, fx.Node) for o in ops):
+        x, y = ops
+        if len(parts) != 2 or not isinstance(x, fx.Node) or not isinstance(y, fx.Node):
             return None
-        return ops[0], parts[0], ops[1], parts[1], out  # type: ignore[return-value]
+        return x, parts[0], y, parts[1], out
     return None
 
 
@@ -376,7 +394,8 @@ def _scalar(x: object, g: nx.DiGraph) -> float | None:
         if isinstance(v, torch.Tensor) and v.dim() == 0:
             nodes = constant_subgraph(g, x)
             if nodes is not None:
-                return float(evaluate(nodes))  # type: ignore[arg-type]
+                value = evaluate(nodes)
+                return float(value) if isinstance(value, (torch.Tensor, int, float)) else None
     return None
 
 
@@ -484,7 +503,7 @@ class _Detector:
         """For [B*H, S, D] operands, find H from the reshape that merged batch and heads."""
         if len(site.batch) != 1:
             return
-        bh = int(site.q.size(site.batch[0]))  # type: ignore[call-overload]
+        bh = int(site.q.size(site.batch[0]))
         node: Any = site.q.node
         for _ in range(6):
             if not isinstance(node, fx.Node) or kind(node) not in (
@@ -510,14 +529,13 @@ class _Detector:
 
     def _recover_masks(self, site: AttentionSite) -> None:
         shape = [1] * len(site.score_roles)
-        qv = val(site.q.node)
         for i, r in enumerate(site.score_roles):
             if r == "q":
                 shape[i] = site.q_len
             elif r == "k":
                 shape[i] = site.kv_len
             else:
-                shape[i] = _hint(max(qv.shape[site.q.roles.index(r)], val(site.k.node).shape[site.k.roles.index(r)]))  # type: ignore[union-attr]
+                shape[i] = max(_hint(site.q.size(r)), _hint(site.k.size(r)))
         for t in site.terms:
             t.structural, why = recover_structure(self.g, t, tuple(shape))
             site.notes.append(f"mask {t.node.name} ({t.kind}): {why}")
@@ -551,13 +569,15 @@ class _Detector:
             raise NotASite(f"scale {scale} is not a compile-time constant")
         terms = []
         if isinstance(mask, fx.Node):
-            mv = val(mask)
-            if getattr(mv, "requires_grad", False):
+            mv = maybe_tensor(mask)
+            if mv is None:
+                raise NotASite(f"attn_mask {mask.name} has no tensor value")
+            if mv.requires_grad:
                 raise NotASite("the attention mask requires grad; attncc treats masks as constants")
-            terms.append(MaskTerm(mask, "allow" if mv.dtype == torch.bool else "additive"))  # type: ignore[union-attr]
+            terms.append(MaskTerm(mask, "allow" if mv.dtype == torch.bool else "additive"))
         elif mask is not None:
             raise NotASite(f"attn_mask {mask!r} is not a tensor")
-        gqa = "enable_gqa" if enable_gqa and val(k).shape[1] != vq.shape[1] else "none"  # type: ignore[union-attr]
+        gqa = "enable_gqa" if enable_gqa and tensor_val(k).shape[1] != vq.shape[1] else "none"
         if nb == 2 and gqa == "none":
             ks, rk = strip_kv_repeat(ko, "b1")
             vs, rv = strip_kv_repeat(vo, "b1")
@@ -585,26 +605,7 @@ class _Detector:
 
     # -- softmax(QK^T * scale + mask) V --------------------------------------------------------
     def _explicit(self, sm: fx.Node) -> AttentionSite:
-        x = sm.args[0]
-        vx = val(x)
-        if not isinstance(x, fx.Node) or not isinstance(vx, torch.Tensor):
-            raise NotASite("softmax of a non-tensor", attention_like=False)
-        dim = arg(sm, 1, "dim")
-        if not isinstance(dim, int) or _norm_dim(dim, vx.dim()) != vx.dim() - 1:
-            raise NotASite(f"softmax over dim {dim}, not the last", attention_like=False)
-        chain: list[fx.Node] = []
-        ops: list[tuple] = []
-        cur = x
-        while True:
-            k = kind(cur)
-            if k in ("matmul", "einsum"):
-                qk = cur
-                break
-            nxt = self._score_step(cur, k, ops)
-            if nxt is None:
-                raise NotASite(f"softmax input is not a QK product (stopped at {cur.name})", attention_like=False)
-            chain.append(cur)
-            cur = nxt
+        qk, chain, ops = self._scores_to_product(sm)
         prod = _product(qk)
         if prod is None:
             raise NotASite(f"{qk.name} is not a two-operand matmul/einsum", attention_like=False)
@@ -618,7 +619,64 @@ class _Detector:
             raise NotASite(f"softmax over the query axis of {qk.name}, not the key axis", attention_like=False)
         qo = look_through(a, [names[c] for c in la])
         ko = look_through(b, [names[c] for c in lb])
-        # the probabilities: softmax -> casts -> P @ V, with no other use
+        post, p, pv = self._probabilities_to_product(sm)
+        vo, oroles = self._values(pv, p, score_roles, batch)
+        # the site subgraph must be convex: only the output leaves it
+        internal = set([qk, sm, pv] + chain + post)
+        leaks = escaping_nodes(self.g, internal, pv)
+        if leaks:
+            n, u = leaks[0]
+            raise NotASite(
+                f"intermediate {n.name} of the attention is also used by {u.name}; rewriting would "
+                f"change what {u.name} sees"
+            )
+        scale, terms = self._scale_and_terms(ops, qk)
+        gqa = "none"
+        if len(batch) == 2:
+            ks, rk = strip_kv_repeat(ko, "b1")
+            vs, rv = strip_kv_repeat(vo, "b1")
+            if rk > 1 and rk == rv:
+                ko, vo, gqa = ks, vs, "repeat"
+        return self._new_site(
+            anchor=sm,
+            source="explicit",
+            q=qo,
+            k=ko,
+            v=vo,
+            out=pv,
+            out_roles=oroles,
+            score_roles=score_roles,
+            batch=batch,
+            scale=scale,
+            terms=terms,
+            nodes=[qk] + chain[::-1] + [sm] + post + [pv],
+            gqa=gqa,
+        )
+
+    def _scores_to_product(self, sm: fx.Node) -> tuple[fx.Node, list[fx.Node], list[tuple]]:
+        """From a softmax over the last dim back to the QK product: (product, the score ops between
+        them, the scale and mask operations they apply, innermost last)."""
+        x = sm.args[0]
+        vx = maybe_tensor(x)
+        if not isinstance(x, fx.Node) or vx is None:
+            raise NotASite("softmax of a non-tensor", attention_like=False)
+        dim = arg(sm, 1, "dim")
+        if not isinstance(dim, int) or _norm_dim(dim, vx.dim()) != vx.dim() - 1:
+            raise NotASite(f"softmax over dim {dim}, not the last", attention_like=False)
+        chain: list[fx.Node] = []
+        ops: list[tuple] = []
+        cur = x
+        while kind(cur) not in ("matmul", "einsum"):
+            nxt = self._score_step(cur, kind(cur), ops)
+            if nxt is None:
+                raise NotASite(f"softmax input is not a QK product (stopped at {cur.name})", attention_like=False)
+            chain.append(cur)
+            cur = nxt
+        return cur, chain, ops
+
+    def _probabilities_to_product(self, sm: fx.Node) -> tuple[list[fx.Node], fx.Node, fx.Node]:
+        """The probabilities' path: softmax -> casts -> P @ V, with no other use; returns (casts,
+        the node P @ V multiplies, the P @ V product)."""
         post: list[fx.Node] = []
         p = sm
         while True:
@@ -641,9 +699,13 @@ class _Detector:
                     f"time); call model.eval() to rewrite this site"
                 )
             if ku in ("matmul", "einsum"):
-                pv = u
-                break
+                return post, p, u
             raise NotASite(f"softmax output {p.name} feeds {u.name} ({u.target}), not a product with values")
+
+    def _values(
+        self, pv: fx.Node, p: fx.Node, score_roles: list[Role], batch: list[Role]
+    ) -> tuple[Operand, list[Role]]:
+        """The value operand of ``pv = P @ V`` and the roles of its output dims."""
         pprod = _product(pv)
         if pprod is None:
             raise NotASite(f"{pv.name} is not a two-operand product")
@@ -665,16 +727,11 @@ class _Detector:
         oroles = [rename.get(c, "?") for c in lpo]
         if sorted(vroles) != sorted(batch + ["k", "e"]) or sorted(oroles) != sorted(batch + ["q", "e"]):
             raise NotASite(f"{pv.name} is not a P @ V product over the key axis (labels {lp},{lv}->{lpo})")
-        vo = look_through(vnode, vroles)  # type: ignore[arg-type]
-        # the site subgraph must be convex: only the output leaves it
-        internal = set([qk, sm, pv] + chain + post)
-        leaks = escaping_nodes(self.g, internal, pv)
-        if leaks:
-            n, u = leaks[0]
-            raise NotASite(
-                f"intermediate {n.name} of the attention is also used by {u.name}; rewriting would "
-                f"change what {u.name} sees"
-            )
+        return look_through(vnode, vroles), oroles
+
+    def _scale_and_terms(self, ops: list[tuple], qk: fx.Node) -> tuple[float, list[MaskTerm]]:
+        """The product of the score scales, and the mask terms in score units (a term added
+        before a scale is scaled with the scores)."""
         scale = 1.0
         terms: list[MaskTerm] = []
         for op in reversed(ops):
@@ -693,27 +750,7 @@ class _Detector:
                 terms.append(t)
         if scale <= 0:
             raise NotASite(f"scale {scale} is not positive")
-        gqa = "none"
-        if len(batch) == 2:
-            ks, rk = strip_kv_repeat(ko, "b1")
-            vs, rv = strip_kv_repeat(vo, "b1")
-            if rk > 1 and rk == rv:
-                ko, vo, gqa = ks, vs, "repeat"
-        return self._new_site(
-            anchor=sm,
-            source="explicit",
-            q=qo,
-            k=ko,
-            v=vo,
-            out=pv,
-            out_roles=oroles,
-            score_roles=score_roles,
-            batch=batch,
-            scale=scale,
-            terms=terms,
-            nodes=[qk] + chain[::-1] + [sm] + post + [pv],
-            gqa=gqa,
-        )
+        return scale, terms
 
     def _score_step(self, cur: fx.Node, k: str | None, ops: list[tuple]) -> fx.Node | None:
         """One step from the scores towards QK: records scale/mask ops, returns the next node."""
@@ -761,14 +798,18 @@ class _Detector:
             cond, a, b = args[0], args[1], args[2]
             if not isinstance(cond, fx.Node):
                 return None
-            for chain_side, other, kind_ in ((a, b, "allow"), (b, a, "disallow")):
+            sides: tuple[tuple[fx.node.Argument, fx.node.Argument, TermKind], ...] = (
+                (a, b, "allow"),
+                (b, a, "disallow"),
+            )
+            for chain_side, other, kind_ in sides:
                 if isinstance(chain_side, fx.Node) and self._reaches_product(chain_side):
                     fill = _scalar(other, self.g)
                     if fill is None or fill > _EXCLUDE_BELOW:
                         raise NotASite(
                             f"{cur.name} replaces scores with {other}; only -inf or a very negative value is a mask"
                         )
-                    ops.append(("term", MaskTerm(cond, kind_)))  # type: ignore[arg-type]
+                    ops.append(("term", MaskTerm(cond, kind_)))
                     return chain_side
             return None
         return None
@@ -799,4 +840,11 @@ def detect(gm: fx.GraphModule) -> DetectResult:
     return _Detector(gm).run()
 
 
-_ = dropout_is_identity
+@dataclass(frozen=True)
+class Detect:
+    """Find every attention site in canonical roles, with the model's own mask recovered."""
+
+    name: ClassVar[str] = "detect-attention"
+
+    def __call__(self, gm: fx.GraphModule) -> DetectResult:
+        return detect(gm)

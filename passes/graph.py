@@ -1,11 +1,40 @@
-"""Graph analyses on FX graphs with networkx: dependence, convexity, constant subgraphs."""
+"""FX graph helpers the passes share: node values and arguments, and analyses with networkx
+(dependence, convexity, constant subgraphs)."""
 
 from __future__ import annotations
 
 import networkx as nx
 import torch
-from attncc.passes.normalize import val
 from torch import fx
+
+
+def val(node: object) -> object:
+    """The example value (FakeTensor, SymInt or Python value) recorded on an FX node; a
+    non-node argument is its own value."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node
+
+
+def tensor_val(node: object) -> torch.Tensor:
+    """The example tensor of ``node``; TypeError when its value is not a tensor."""
+    v = val(node)
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{getattr(node, 'name', node)} has no tensor value (got {type(v).__name__})")
+    return v
+
+
+def maybe_tensor(node: object) -> torch.Tensor | None:
+    """The example tensor of ``node``, or None when its value is not a tensor."""
+    v = val(node)
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    """Positional-or-keyword argument ``name`` at ``index``."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
 
 
 def to_networkx(graph: fx.Graph) -> nx.DiGraph:

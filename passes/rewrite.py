@@ -5,19 +5,44 @@ from __future__ import annotations
 import contextlib
 import operator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-from attncc.passes.detect import AttentionSite, MaskTerm, Operand
-from attncc.passes.normalize import val
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from attncc import registry
+import attncc.runtime.ops  # noqa: F401  (registers torch.ops.attncc.attention)
+from attncc.ir.plan import AttentionPlan
+from attncc.passes.bind import BoundSite
+from attncc.passes.detect import AttentionSite, MaskTerm, Operand
+from attncc.passes.graph import tensor_val, val
+from attncc.runtime import registry
+
+
+@dataclass
+class RewrittenSite:
+    """A bound site replaced by ``call`` (an ``attncc::attention`` node; the thread-selections pass
+    may re-target it to a selection variant) with its plan registered under ``plan_key``."""
+
+    bound: BoundSite
+    plan_key: str
+    call: fx.Node
+
+    @property
+    def site(self) -> AttentionSite:
+        return self.bound.site
+
+    @property
+    def plan(self) -> AttentionPlan:
+        return self.bound.plan
 
 
 @dataclass
 class RewriteResult:
-    rewritten: list[AttentionSite]
+    rewritten: list[RewrittenSite]
+
+    def summary(self) -> str:
+        return f"rewrote {len(self.rewritten)} sites into attncc::attention"
 
 
 class _Emitter:
@@ -66,7 +91,7 @@ class _Emitter:
         additive: fx.Node | None = None
         for t in terms:
             m = t.node
-            nd = val(m).dim()  # type: ignore[union-attr]
+            nd = tensor_val(m).dim()
             for _ in range(n - nd):
                 m = self.method("unsqueeze", m, 0)
             m = self.to_bhsd_mask(m, site.score_roles, canon)
@@ -75,7 +100,7 @@ class _Emitter:
                     m = self.function(operator.mul, m, t.factor)
                 additive = m if additive is None else self.function(operator.add, additive, m)
             else:
-                if val(t.node).dtype != torch.bool:  # type: ignore[union-attr]
+                if tensor_val(t.node).dtype != torch.bool:
                     m = self.method("bool", m)
                 if t.kind == "disallow":
                     m = self.function(torch.logical_not, m)
@@ -92,9 +117,7 @@ class _Emitter:
             m = self.method("permute", m, *perm)
         nb = len(self.site.batch)
         if nb == 1:
-            first = val(self.site.terms[0].node)
-            shape0 = _first_dim_after(m, first)
-            if shape0 == 1:
+            if _first_dim_after(m) == 1:
                 m = self.method("unsqueeze", m, 0)
             else:
                 m = self.method("unflatten", m, 0, (self.site.batch_size, -1))
@@ -121,35 +144,36 @@ def _record_value(node: fx.Node, fn, args: tuple) -> None:
         return
 
 
-def _first_dim_after(node: fx.Node, _unused) -> int | None:
-    """Size of dim 0 of a freshly emitted mask node (tracked through unsqueeze/permute)."""
+def _first_dim_after(node: fx.Node) -> int | None:
+    """Size of dim 0 of a freshly emitted mask node (tracked through unsqueeze/permute to the
+    node whose value is known); None when it is symbolic or unknown."""
     chain = []
     cur = node
-    while cur.op == "call_method" and cur.target in ("unsqueeze", "permute"):
+    while cur.op == "call_method" and cur.target in ("unsqueeze", "permute") and isinstance(cur.args[0], fx.Node):
         chain.append(cur)
-        cur = cur.args[0]  # type: ignore[assignment]
+        cur = cur.args[0]
     v = val(cur)
     if not isinstance(v, torch.Tensor):
         return None
     shape = list(v.shape)
     for c in reversed(chain):
+        dims = [d for d in c.args[1:] if isinstance(d, int)]
         if c.target == "unsqueeze":
-            shape.insert(c.args[1], 1)  # type: ignore[arg-type]
+            shape.insert(dims[0], 1)
         else:
-            shape = [shape[i] for i in c.args[1:]]  # type: ignore[index]
+            shape = [shape[i] for i in dims]
     return int(shape[0]) if shape and not isinstance(shape[0], torch.SymInt) else None
 
 
-def rewrite_site(gm: fx.GraphModule, site: AttentionSite, executor: str) -> None:
-    graph = gm.graph
-    plan_key = registry.register_plan(site.plan)  # type: ignore[arg-type]
-    site.plan_key = plan_key
+def rewrite_site(gm: fx.GraphModule, bound: BoundSite, executor: str) -> RewrittenSite:
+    """Replace one bound site's subgraph by an ``attncc::attention`` call and the layout ops around it."""
+    graph, site = gm.graph, bound.site
+    plan_key = registry.register_plan(bound.plan)
     em = _Emitter(graph, site)
     with graph.inserting_before(site.out):
         q = em.operand(site.q, "q", "d", kv=False)
         k = em.operand(site.k, "k", "d", kv=True)
         v = em.operand(site.v, "k", "e", kv=True)
-        kb, qb = val(site.k.node), val(site.q.node)
         if len(site.batch) == 2:
             b_role = site.batch[0]
             if site.k.size(b_role) == 1 and site.q.size(b_role) != 1:
@@ -157,7 +181,6 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, executor: str) -> None
                 v = em.method("expand", v, site.q.size(b_role), -1, -1, -1)
         mask = em.mask(site.runtime_terms)
         call = em.function(torch.ops.attncc.attention.default, q, k, v, mask, plan_key, executor)
-        site.call = call
         out = em.function(operator.getitem, call, 0)
         canon = site.batch + ["q", "e"]
         nb = len(site.batch)
@@ -169,11 +192,11 @@ def rewrite_site(gm: fx.GraphModule, site: AttentionSite, executor: str) -> None
         if perm != list(range(len(perm))):
             out = em.method("permute", out, *perm)
         want = val(site.out)
-        if isinstance(want, torch.Tensor) and want.dtype != qb.dtype:  # type: ignore[union-attr]
+        if isinstance(want, torch.Tensor) and want.dtype != site.dtype:
             out = em.method("to", out, want.dtype)
-    _ = kb
     site.out.replace_all_uses_with(out)
     _erase_dead(graph, site)
+    return RewrittenSite(bound, plan_key, call)
 
 
 def _erase_dead(graph: fx.Graph, site: AttentionSite) -> None:
@@ -189,15 +212,21 @@ def _erase_dead(graph: fx.Graph, site: AttentionSite) -> None:
                 changed = True
 
 
-def rewrite(gm: fx.GraphModule, sites: list[AttentionSite], executor: str) -> RewriteResult:
+def rewrite(gm: fx.GraphModule, bound: list[BoundSite], executor: str) -> RewriteResult:
     """Replace every bound site; returns the rewritten ones."""
-    done = []
-    for site in sites:
-        if site.plan is None:
-            continue
-        rewrite_site(gm, site, executor)
-        done.append(site)
+    done = [rewrite_site(gm, b, executor) for b in bound]
     if done:
         gm.graph.lint()
         gm.recompile()
     return RewriteResult(done)
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """Each bound site's subgraph -> one ``attncc::attention`` call running on ``executor``."""
+
+    name: ClassVar[str] = "rewrite"
+    executor: str
+
+    def __call__(self, gm: fx.GraphModule, bound: list[BoundSite]) -> RewriteResult:
+        return rewrite(gm, bound, self.executor)

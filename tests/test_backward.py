@@ -8,19 +8,19 @@ fp32 1e-4; fp16 2e-2 and bf16 6e-2, dominated by ``out`` being stored in the low
 
 from __future__ import annotations
 
+import mask_cases
 import pytest
 import torch
-from attncc.codegen.backward import (
-    attention,
-    attention_backward,
-    write_backward_kernels,
-)
-from attncc.codegen.backward_gen import backward_source, kernel_names
-from attncc.codegen.reference import attention_reference
+from support import inputs, make_plan, nonempty_blocks
 
-from attncc import masks as M
-from attncc.permute import TilePermutation
-from attncc.plan import AttentionPlan
+from attncc.codegen.backward.generate import backward_source, kernel_names
+from attncc.codegen.backward.launch import attention_bwd, write_backward_kernels
+from attncc.codegen.executors import run_backward
+from attncc.codegen.forward.reference import attention_reference
+from attncc.ir import masks as M
+from attncc.ir.permute import TilePermutation
+from attncc.ir.plan import AttentionPlan
+from attncc.runtime.ops import attention
 
 CAUSAL = M.Causal()
 STREAMING = M.conj(CAUSAL, M.Any_((M.Sink(4), M.Window(15, 0))))
@@ -46,63 +46,9 @@ FAMILIES = {
 }
 
 
-def make_plan(
-    programs,
-    head_to_program=None,
-    *,
-    num_heads=2,
-    num_kv_heads=1,
-    q_len=63,
-    kv_len=None,
-    head_dim=32,
-    head_dim_v=None,
-    dtype="float32",
-    block=16,
-    permute=None,
-    mask_kind=None,
-    q_offset=0,
-) -> AttentionPlan:
-    programs = tuple(programs) if isinstance(programs, (tuple, list)) else (programs,)
-    kv_len = q_len if kv_len is None else kv_len
-    head_dim_v = head_dim if head_dim_v is None else head_dim_v
-    return AttentionPlan(
-        programs=programs,
-        head_to_program=head_to_program or (0,) * num_heads,
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        q_len=q_len,
-        kv_len=kv_len,
-        head_dim=head_dim,
-        head_dim_v=head_dim_v,
-        dtype=dtype,
-        scale=head_dim**-0.5,
-        block_q=block,
-        block_kv=block,
-        permute=permute,
-        mask_kind=mask_kind,
-        q_offset=q_offset,
-    )
-
-
-def inputs(plan: AttentionPlan, batch=1, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, plan.num_heads, plan.q_len, plan.head_dim, generator=g).to(dtype)
-    k = torch.randn(batch, plan.num_kv_heads, plan.kv_len, plan.head_dim, generator=g).to(dtype)
-    v = torch.randn(batch, plan.num_kv_heads, plan.kv_len, plan.head_dim_v, generator=g).to(dtype)
-    dout = torch.randn(batch, plan.num_heads, plan.q_len, plan.head_dim_v, generator=g).to(dtype)
-    return q, k, v, dout
-
-
-def nonempty_blocks(plan: AttentionPlan) -> torch.Tensor:
-    """[H, nq, nk] int32: 1 where the dense mask allows some pair of the block (kernel order)."""
-    dense = plan.dense_mask()
-    order = plan.order()
-    if order is not None:
-        dense = dense[:, order][:, :, order]
-    nq, nk = -(-plan.q_len // plan.block_q), -(-plan.kv_len // plan.block_kv)
-    pad = torch.zeros(plan.num_heads, nq * plan.block_q, nk * plan.block_kv, dtype=torch.bool)
-    pad[:, : plan.q_len, : plan.kv_len] = dense
-    return pad.view(plan.num_heads, nq, plan.block_q, nk, plan.block_kv).any(4).any(2).int()
+def plan_of(*programs, **kw) -> AttentionPlan:
+    """A backward-test plan: 2 query heads on 1 kv head, 63 tokens (a ragged last block)."""
+    return make_plan(*programs, **{"kv_heads": 1, "q_len": 63, **kw})
 
 
 def check_grads(plan, got, want, atol, rtol):
@@ -113,20 +59,23 @@ def check_grads(plan, got, want, atol, rtol):
         torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def run_case(plan, executor, *, batch=1, dtype=torch.float32, mask_tensor=None, atol=1e-4, rtol=1e-4):
-    q, k, v, dout = inputs(plan, batch, dtype)
+def run_case(plan, executor, *, batch=1, mask_tensor=None, atol=1e-4, rtol=1e-4):
+    q, k, v, dout = inputs(plan, batch)
     out, lse = attention_reference(plan, q, k, v, mask_tensor)
-    want = attention_backward(plan, q, k, v, out, lse, dout, mask_tensor, "reference")
+    want = run_backward(plan, q, k, v, out, lse, dout, None, mask_tensor, "reference")
+    if executor != "interpret":
+        got = run_backward(plan, q, k, v, out, lse, dout, None, mask_tensor, executor)
+        check_grads(plan, got, want, atol, rtol)
+        return got
     nan_grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-    visits = {} if executor == "interpret" else None
-    got = attention_backward(plan, q, k, v, out, lse, dout, mask_tensor, executor, grads=nan_grads, visits=visits)
+    visits: dict = {}
+    got = attention_bwd(plan, q, k, v, out, lse, dout, mask_tensor, target="interpret", grads=nan_grads, visits=visits)
     assert all(a is b for a, b in zip(got, nan_grads)), "grads buffers must be written in place"
     check_grads(plan, got, want, atol, rtol)
-    if visits is not None:
-        expect = nonempty_blocks(plan).unsqueeze(0).expand(batch, -1, -1, -1)
-        # every non-empty block exactly once, never an empty one, in both kernels
-        assert torch.equal(visits["dq"], expect)
-        assert torch.equal(visits["dkdv"], expect)
+    expect = nonempty_blocks(plan).unsqueeze(0).expand(batch, -1, -1, -1)
+    # every non-empty block exactly once, never an empty one, in both kernels
+    assert torch.equal(visits["dq"], expect)
+    assert torch.equal(visits["dkdv"], expect)
     return got
 
 
@@ -137,24 +86,24 @@ EXECUTORS = ["interpret", "torch"]
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_mask_families(family, executor):
     mask, extra = FAMILIES[family]
-    run_case(make_plan(mask, **extra), executor)
+    run_case(plan_of(mask, **extra), executor)
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_head_policies_with_gqa(executor):
     # a kv head is shared by query heads under different programs: dK/dV sum across programs
-    plan = make_plan((CAUSAL, M.Window(8, 0), M.Chunk(16)), (0, 1, 2, 0), num_heads=4, num_kv_heads=2)
+    plan = plan_of(CAUSAL, M.Window(8, 0), M.Chunk(16), head_to_program=(0, 1, 2, 0), heads=4, kv_heads=2)
     run_case(plan, executor, batch=2)
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_gqa_group_of_four(executor):
-    run_case(make_plan(STREAMING, num_heads=4, num_kv_heads=1, block=32), executor)
+    run_case(plan_of(STREAMING, heads=4, kv_heads=1, block=32), executor)
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_bool_mask_tensor_with_empty_rows(executor):
-    plan = make_plan(CAUSAL, mask_kind="bool")
+    plan = plan_of(CAUSAL, mask_kind="bool")
     g = torch.Generator().manual_seed(1)
     mask = torch.rand(2, 1, plan.q_len, plan.kv_len, generator=g) > 0.3
     mask[:, :, 5] = False  # rows with no key: zero output, zero gradient
@@ -164,7 +113,7 @@ def test_bool_mask_tensor_with_empty_rows(executor):
 
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_additive_padding_mask(executor):
-    plan = make_plan(STREAMING, num_heads=2, num_kv_heads=2, mask_kind="additive")
+    plan = plan_of(STREAMING, heads=2, kv_heads=2, mask_kind="additive")
     mask = torch.zeros(2, 1, 1, plan.kv_len)
     mask[0, ..., 50:] = float("-inf")  # padded keys of sample 0
     mask[1, ..., :3] = -2.5  # a soft bias
@@ -176,27 +125,26 @@ def test_additive_padding_mask(executor):
     "q_len,kv_len,q_offset", [(40, 72, 32), (72, 40, 0), (17, 100, 83)], ids=["chunked_prefill", "q_longer", "decode17"]
 )
 def test_q_len_differs_from_kv_len(q_len, kv_len, q_offset, executor):
-    plan = make_plan(STREAMING, q_len=q_len, kv_len=kv_len, q_offset=q_offset, block=32)
+    plan = plan_of(STREAMING, q_len=q_len, kv_len=kv_len, q_offset=q_offset, block=32)
     run_case(plan, executor)
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
 @pytest.mark.parametrize("head_dim,head_dim_v", [(16, 16), (80, 48)], ids=["d16", "d80_dv48"])
 def test_head_dims(head_dim, head_dim_v, executor):
-    plan = make_plan(CAUSAL, head_dim=head_dim, head_dim_v=head_dim_v, q_len=50)
+    plan = plan_of(CAUSAL, head_dim=head_dim, head_dim_v=head_dim_v, q_len=50)
     run_case(plan, executor)
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
-@pytest.mark.parametrize("dtype,tol", [(torch.float16, 2e-2), (torch.bfloat16, 6e-2)], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype,tol", [("float16", 2e-2), ("bfloat16", 6e-2)], ids=["fp16", "bf16"])
 def test_low_precision(dtype, tol, executor):
-    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-    plan = make_plan(STREAMING, dtype=name, num_heads=4, num_kv_heads=2)
-    run_case(plan, executor, dtype=dtype, atol=tol, rtol=tol)
+    plan = plan_of(STREAMING, dtype=dtype, heads=4, kv_heads=2)
+    run_case(plan, executor, atol=tol, rtol=tol)
 
 
-def test_autograd_function_matches_reference():
-    plan = make_plan(STREAMING, num_heads=2, num_kv_heads=1, q_len=33)
+def test_op_gradients_match_across_executors():
+    plan = plan_of(STREAMING, q_len=33)
     q, k, v, dout = inputs(plan)
     grads = []
     for executor in ("reference", "torch", "interpret"):
@@ -208,43 +156,20 @@ def test_autograd_function_matches_reference():
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-GRADCHECK_MASKS = {
-    "full": M.Full(),
-    "causal": CAUSAL,
-    "window": M.Window(2, 1),
-    "sink": M.Sink(3),
-    "prefix": M.Prefix(4),
-    "global": M.Global(2),
-    "chunk": M.Chunk(5),
-    "block_causal": M.BlockCausal(4),
-    "strided": M.Strided(3),
-    "power": M.Power(2),
-    "random_blocks": M.RandomBlocks(1, 7, 4),
-    "tile3d": M.Tile3D((2, 2, 3), (0, 1, 1)),
-    "all": M.All((CAUSAL, M.Window(3, 0))),
-    "any": M.Any_((M.Sink(2), M.Window(1, 0))),
-    "not": M.Not(CAUSAL),  # the last query row sees no key: zero gradient
-}
-
-
-@pytest.mark.parametrize("family", list(GRADCHECK_MASKS))
-def test_gradcheck_reference_float64(family):
-    plan = make_plan(
-        GRADCHECK_MASKS[family], num_heads=2, num_kv_heads=1, q_len=12, head_dim=4, dtype="float64", block=4
-    )
-    q, k, v, _ = inputs(plan, dtype=torch.float64)
-    leaves = tuple(t.requires_grad_(True) for t in (q, k, v))
+@pytest.mark.parametrize("case", mask_cases.params(mask_cases.static_cases()))
+def test_gradcheck_reference_float64(case):
+    # 12 tokens (a 2 x 2 x 3 grid) in blocks of 4: every case has partial, full and empty blocks
+    plan = plan_of(mask_cases.mask(case, 12), q_len=12, head_dim=4, dtype="float64", block=4)
+    q, k, v, _ = inputs(plan, grad=True)
     # fast mode checks random projections of the Jacobian: the same test at a fraction of the calls
     assert torch.autograd.gradcheck(
-        lambda a, b, c: attention(plan, a, b, c, executor="reference"), leaves, fast_mode=True
+        lambda a, b, c: attention(plan, a, b, c, executor="reference"), (q, k, v), fast_mode=True
     )
 
 
 def test_gradcheck_reference_additive_mask_gets_no_gradient():
-    plan = make_plan(
-        CAUSAL, num_heads=2, num_kv_heads=2, q_len=10, head_dim=4, dtype="float64", block=4, mask_kind="additive"
-    )
-    q, k, v, _ = inputs(plan, dtype=torch.float64)
+    plan = plan_of(CAUSAL, kv_heads=2, q_len=10, head_dim=4, dtype="float64", block=4, mask_kind="additive")
+    q, k, v, _ = inputs(plan)
     bias = torch.randn(1, 2, 10, 10, dtype=torch.float64, requires_grad=True)
     leaves = tuple(t.requires_grad_(True) for t in (q, k, v))
     assert torch.autograd.gradcheck(
@@ -255,7 +180,7 @@ def test_gradcheck_reference_additive_mask_gets_no_gradient():
 
 
 def test_generated_source_names_and_predicate():
-    plan = make_plan((STREAMING, M.Chunk(16)), (0, 1))
+    plan = plan_of(STREAMING, M.Chunk(16))
     src = backward_source(plan)
     names = kernel_names(plan)
     assert names["dkdv"] == f"{plan.pattern}_bwd_dkdv_kernel"
@@ -268,33 +193,33 @@ def test_generated_source_names_and_predicate():
 
 
 def test_rejects_cpu_tensors_for_compiled_triton():
-    plan = make_plan(CAUSAL)
+    plan = plan_of(CAUSAL)
     q, k, v, dout = inputs(plan)
     out, lse = attention_reference(plan, q, k, v)
-    with pytest.raises((ValueError, RuntimeError), match="triton"):
-        attention_backward(plan, q, k, v, out, lse, dout, None, "triton")
+    with pytest.raises(ValueError, match="executor 'triton' runs on CUDA tensors"):
+        run_backward(plan, q, k, v, out, lse, dout, None, None, "triton")
 
 
 def test_rejects_wrong_shapes():
-    plan = make_plan(CAUSAL)
+    plan = plan_of(CAUSAL)
     q, k, v, dout = inputs(plan)
     out, lse = attention_reference(plan, q, k, v)
     with pytest.raises(ValueError, match=r"dout has shape \[1, 2, 62, 32\], the plan expects \[1, 2, 63, 32\]"):
-        attention_backward(plan, q, k, v, out, lse, dout[:, :, :62], None, "torch")
+        run_backward(plan, q, k, v, out, lse, dout[:, :, :62], None, None, "torch")
 
 
 def test_rejects_dynamic_selector():
-    plan = make_plan(M.Selector("topk", (("k", 2),)))
+    plan = plan_of(M.Selector("topk", (("k", 2),)))
     q, k, v, dout = inputs(plan)
     out = torch.zeros_like(dout)
     lse = torch.zeros(1, 2, 63)
-    with pytest.raises(M.MaskError, match="selects blocks"):
-        attention_backward(plan, q, k, v, out, lse, dout, None, "interpret")
+    with pytest.raises(ValueError, match="data-dependent block selection has no backward"):
+        run_backward(plan, q, k, v, out, lse, dout, None, None, "interpret")
 
 
 @pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
 def test_reference_gradient_equals_autograd_of_the_oracle(mask_kind):
-    plan = make_plan(STREAMING, num_heads=4, num_kv_heads=2, q_len=30, mask_kind=mask_kind)
+    plan = plan_of(STREAMING, heads=4, kv_heads=2, q_len=30, mask_kind=mask_kind)
     q, k, v, dout = inputs(plan, batch=2)
     mask = None
     if mask_kind == "bool":
@@ -306,7 +231,7 @@ def test_reference_gradient_equals_autograd_of_the_oracle(mask_kind):
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     out, lse = attention_reference(plan, *leaves, mask)
     want = torch.autograd.grad(out, leaves, dout)
-    got = attention_backward(plan, q, k, v, out.detach(), lse, dout, mask, "reference")
+    got = run_backward(plan, q, k, v, out.detach(), lse, dout, None, mask, "reference")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -315,11 +240,12 @@ def test_reference_gradient_equals_autograd_of_the_oracle(mask_kind):
 def test_dump_compiles_backward_kernels_for_sm90(tmp_path):
     # the Triton compiler (not the interpreter) accepts every branch: head policies, GQA,
     # an additive mask tensor, a ragged sequence end and fp16 dots
-    plan = make_plan(
-        (STREAMING, M.Chunk(32)),
-        (0, 1, 1, 0),
-        num_heads=4,
-        num_kv_heads=2,
+    plan = plan_of(
+        STREAMING,
+        M.Chunk(32),
+        head_to_program=(0, 1, 1, 0),
+        heads=4,
+        kv_heads=2,
         q_len=100,
         head_dim=64,
         dtype="float16",

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_masks import compositions, primitives
 
-from attncc import blocks
-from attncc import masks as M
-from attncc.blocks import (
+from attncc.ir import blocks
+from attncc.ir import masks as M
+from attncc.ir.blocks import (
     EMPTY,
     FULL,
     PARTIAL,
@@ -23,7 +23,7 @@ from attncc.blocks import (
     count_allowed,
     token_blocks,
 )
-from attncc.permute import TilePermutation
+from attncc.ir.permute import TilePermutation
 
 
 def table_to_map(counts: torch.Tensor, indices: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -195,7 +195,7 @@ def test_large_maps_settle_super_blocks_without_bounding_every_pair():
 
 
 def streaming_plan(tokens: int, dtype: str = "float32", heads: tuple[int, ...] = (0, 0, 1, 1)):
-    from attncc.plan import AttentionPlan
+    from attncc.ir.plan import AttentionPlan
 
     streaming = M.All((M.Causal(), M.Any_((M.Sink(128), M.Window(4095, 0)))))
     return AttentionPlan(

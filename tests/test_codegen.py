@@ -13,82 +13,30 @@ import json
 import os
 import pathlib
 
+import mask_cases
 import pytest
 import torch
-from attncc.codegen import kernel_name
-from attncc.codegen.cache import KernelCache
-from attncc.codegen.executors import run
-from attncc.codegen.forward import attention_fwd
-from attncc.codegen.generate import CodegenError, emit_mask_predicate, generate_forward
-from attncc.codegen.reference import attention_reference
+from support import LSE_ATOL, OUT_ATOL, inputs, make_plan, nonempty_blocks
 
-from attncc import masks as M
-from attncc.permute import TilePermutation
-from attncc.plan import AttentionPlan
+from attncc.cli import main
+from attncc.codegen.aot import compile_plans
+from attncc.codegen.cache import KernelCache
+from attncc.codegen.dump import write_kernels
+from attncc.codegen.executors import run
+from attncc.codegen.forward.generate import CodegenError, emit_mask_predicate, generate_forward, kernel_name
+from attncc.codegen.forward.launch import attention_fwd
+from attncc.codegen.forward.reference import attention_reference
+from attncc.ir import masks as M
+from attncc.ir.dtypes import DTYPES
+from attncc.ir.permute import TilePermutation
+from attncc.ir.plan import AttentionPlan
+from attncc.spec import parse_mask
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OUT_ATOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
-LSE_ATOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-3}
 HAS_CUDA = torch.cuda.is_available()
 
 #: every plan a test below ran, compiled for sm_90 by ``test_every_generated_kernel_compiles_for_sm90``
 GENERATED: dict[str, AttentionPlan] = {}
-
-
-def make_plan(
-    *programs: M.Mask,
-    heads: int = 2,
-    kv_heads: int | None = None,
-    q_len: int = 64,
-    kv_len: int | None = None,
-    head_dim: int = 32,
-    dtype: str = "float32",
-    block_q: int = 16,
-    block_kv: int = 16,
-    head_to_program: tuple[int, ...] | None = None,
-    **kw,
-) -> AttentionPlan:
-    programs = programs or (M.Full(),)
-    if head_to_program is None:
-        head_to_program = tuple(min(h, len(programs) - 1) for h in range(heads))
-    return AttentionPlan(
-        programs=tuple(programs),
-        head_to_program=head_to_program,
-        num_heads=heads,
-        num_kv_heads=kv_heads or heads,
-        q_len=q_len,
-        kv_len=kv_len or q_len,
-        head_dim=head_dim,
-        head_dim_v=kw.pop("head_dim_v", head_dim),
-        dtype=dtype,
-        scale=head_dim**-0.5,
-        block_q=block_q,
-        block_kv=block_kv,
-        **kw,
-    )
-
-
-def inputs(plan: AttentionPlan, batch: int = 1, seed: int = 0, device: str = "cpu"):
-    g = torch.Generator().manual_seed(seed)
-    dt = DTYPES[plan.dtype]
-    q = torch.randn(batch, plan.num_heads, plan.q_len, plan.head_dim, generator=g)
-    k = torch.randn(batch, plan.num_kv_heads, plan.kv_len, plan.head_dim, generator=g)
-    v = torch.randn(batch, plan.num_kv_heads, plan.kv_len, plan.head_dim_v, generator=g)
-    return q.to(device, dt), k.to(device, dt), v.to(device, dt)
-
-
-def nonempty_blocks(plan: AttentionPlan) -> torch.Tensor:
-    """[H, nq] number of kv blocks with at least one allowed pair, from the dense mask in kernel order."""
-    dense = plan.dense_mask()
-    order = plan.order()
-    if order is not None:
-        dense = dense[:, order][:, :, order]
-    nq, nk = -(-plan.q_len // plan.block_q), -(-plan.kv_len // plan.block_kv)
-    padded = torch.zeros(plan.num_heads, nq * plan.block_q, nk * plan.block_kv, dtype=torch.bool)
-    padded[:, : plan.q_len, : plan.kv_len] = dense
-    blocks = padded.view(plan.num_heads, nq, plan.block_q, nk, plan.block_kv).any(4).any(2)
-    return blocks.sum(2)
 
 
 def check_plan(
@@ -96,7 +44,7 @@ def check_plan(
 ) -> None:
     """Kernel vs reference on NaN-prefilled outputs, and visited blocks vs table vs dense mask."""
     GENERATED[plan.key()] = plan
-    q, k, v = inputs(plan, batch, device=device)
+    q, k, v, _ = inputs(plan, batch, device=device)
     b, h = batch, plan.num_heads
     table = plan.block_table()
     out = torch.full((b, h, plan.q_len, plan.head_dim_v), float("nan"), dtype=q.dtype, device=device)
@@ -113,44 +61,38 @@ def check_plan(
     prog = torch.tensor(plan.head_to_program)
     per_table = (table.kv_num_blocks + table.full_num_blocks)[prog]  # [H, nq]
     assert torch.equal(visits.view(b, h, -1).cpu(), per_table.unsqueeze(0).expand(b, -1, -1))
-    assert torch.equal(per_table.sum(1).long(), nonempty_blocks(plan).sum(1).long())
+    assert torch.equal(per_table.sum(1).long(), nonempty_blocks(plan).sum((1, 2)).long())
 
 
-MASK_CASES = {
-    "full": M.Full(),
-    "causal": M.Causal(),
-    "window16": M.Window(15, 0),
-    "window_before5_after9": M.Window(5, 9),
-    "sink4_or_window8": M.Any_((M.Sink(4), M.Window(7, 0))),
-    "global3": M.Global(3),
-    "prefix20_or_causal": M.Any_((M.Prefix(20), M.Causal())),
-    "chunk24": M.Chunk(24),
-    "block_causal8": M.BlockCausal(8),
-    "strided5": M.Strided(5),
-    "power4": M.Power(4),
-    "random_blocks2": M.RandomBlocks(2, seed=3, block=16),
-    "not_causal": M.Not(M.Causal()),  # the last row sees no key: zeros and lse = -inf
-    "not_window8": M.Not(M.Window(7, 0)),
-    "not_tile3d": M.Not(M.Tile3D((3, 5, 5), (0, 1, 1))),
-    "causal_and_streaming": M.All((M.Causal(), M.Any_((M.Sink(2), M.Window(10, 0))))),
-}
-
-
-@pytest.mark.parametrize("mask", MASK_CASES.values(), ids=MASK_CASES.keys())
-def test_mask_primitives_and_compositions(mask):
+@pytest.mark.parametrize("case", mask_cases.params(mask_cases.static_cases()))
+def test_every_mask_case(case):
+    mask = mask_cases.mask(case, 75)
     # random_blocks depends on the head: one program per head keeps its block table exact
-    heads_one_program = mask.depends_on_head
-    if heads_one_program:
+    if mask.depends_on_head:
         plan = make_plan(mask, mask, q_len=75, heads=2, head_to_program=(0, 1))
     else:
         plan = make_plan(mask, q_len=75)
     check_plan(plan)
 
 
+@pytest.mark.parametrize(
+    "name, mask",
+    [
+        ("sink4_or_window8", M.Any_((M.Sink(4), M.Window(7, 0)))),
+        ("not_causal", M.Not(M.Causal())),  # the last row sees no key: zeros and lse = -inf
+        ("not_tile3d", M.Not(M.Tile3D((3, 5, 5), (0, 1, 1)))),
+        ("neighborhood_or_sink", M.Any_((M.Neighborhood((3, 5, 5), (1, 3, 3)), M.Sink(3)))),
+    ],
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_compositions(name, mask):
+    check_plan(make_plan(mask, q_len=75))
+
+
 def test_tile3d_with_permutation():
     grid = (4, 4, 4)
     mask = M.Tile3D(grid, (1, 1, 1))
-    plan = make_plan(mask, q_len=64, block_q=16, block_kv=16, permute=TilePermutation(grid, (2, 2, 4)))
+    plan = make_plan(mask, q_len=64, block=16, block_kv=16, permute=TilePermutation(grid, (2, 2, 4)))
     check_plan(plan, batch=2)
 
 
@@ -178,7 +120,7 @@ def test_gqa_reads_shared_kv_head(group):
 
 @pytest.mark.parametrize("q_len", [63, 100], ids=["seq63", "seq100"])
 def test_sequence_not_block_multiple(q_len):
-    check_plan(make_plan(M.Causal(), q_len=q_len, block_q=32, block_kv=16), batch=2)
+    check_plan(make_plan(M.Causal(), q_len=q_len, block=32, block_kv=16), batch=2)
 
 
 @pytest.mark.parametrize(
@@ -228,7 +170,7 @@ def test_model_mask_additive(dtype):
     add = torch.randn(40, 56, generator=g)  # [Sq, Skv], broadcast over batch and heads
     add[:, 50:] = float("-inf")
     add[3] = float("-inf")  # a row with nothing allowed
-    check_plan(plan, batch=2, mask_tensor=add.to(DTYPES[dtype]))
+    check_plan(plan, batch=2, mask_tensor=add.to(DTYPES[dtype].torch))
 
 
 def test_strided_inputs_are_not_copied():
@@ -244,29 +186,31 @@ def test_strided_inputs_are_not_copied():
 
 def test_executor_dispatch():
     plan = make_plan(M.Causal(), q_len=40)
-    q, k, v = inputs(plan)
+    q, k, v, _ = inputs(plan)
     out, lse = run(plan, q, k, v, executor="interpret")
     ref_out, _ = run(plan, q, k, v, executor="reference")
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     if not HAS_CUDA:
-        with pytest.raises(ValueError, match="needs CUDA tensors"):
+        with pytest.raises(ValueError, match="executor 'triton' runs on CUDA tensors"):
             run(plan, q, k, v, executor="triton")
 
 
 def test_bad_inputs_are_reported():
     plan = make_plan(M.Causal(), q_len=40)
-    q, k, v = inputs(plan)
+    q, k, v, _ = inputs(plan)
     with pytest.raises(ValueError, match="dtype"):
-        attention_fwd(plan, q.half(), k, v, target="interpret")
+        run(plan, q.half(), k, v, executor="interpret")
     with pytest.raises(ValueError, match="shape"):
-        attention_fwd(plan, q[:, :, :30], k, v, target="interpret")
+        run(plan, q[:, :, :30], k, v, executor="interpret")
     with pytest.raises(ValueError, match="mask_kind"):
-        attention_fwd(plan, q, k, v, torch.ones(40, 40, dtype=torch.bool), target="interpret")
+        run(plan, q, k, v, torch.ones(40, 40, dtype=torch.bool), executor="interpret")
+    with pytest.raises(ValueError, match="unknown executor 'cuda'"):
+        run(plan, q, k, v, executor="cuda")
 
 
 def test_unsupported_plans_raise():
     with pytest.raises(CodegenError, match="block_q 8"):
-        generate_forward(make_plan(M.Causal(), block_q=8))
+        generate_forward(make_plan(M.Causal(), block=8))
     selector = M.Selector("topk", (("k", 4),))
     with pytest.raises(CodegenError, match="run time"):
         generate_forward(make_plan(selector))
@@ -314,7 +258,7 @@ def test_golden_source():
         q_len=256,
         head_dim=64,
         dtype="bfloat16",
-        block_q=64,
+        block=64,
         block_kv=64,
         rule="golden",
     )
@@ -329,8 +273,6 @@ def test_golden_source():
 
 
 def test_dump_writes_kernels_and_manifest(tmp_path):
-    from attncc.codegen.dump import write_kernels
-
     plans = [make_plan(M.Causal(), q_len=64), make_plan(M.Window(15, 0), q_len=64)]
     manifest: dict = {}
     entries = write_kernels(tmp_path, plans + plans[:1], manifest=manifest, aot=False)
@@ -346,10 +288,6 @@ def test_dump_writes_kernels_and_manifest(tmp_path):
 
 
 def test_dump_writes_backward_kernels_and_the_static_kernels_of_a_selection_plan(tmp_path):
-    from attncc.codegen.dump import write_kernels
-
-    from attncc.spec import parse_mask
-
     static = make_plan(M.Causal(), q_len=64)
     entry = write_kernels(tmp_path, [static], aot=False)[0]
     assert (tmp_path / entry["backward"]["file"]).exists()
@@ -364,14 +302,13 @@ def test_dump_writes_backward_kernels_and_the_static_kernels_of_a_selection_plan
 
 
 def test_dump_cli(tmp_path, capsys):
-    from attncc.codegen.dump import main
-
     spec = tmp_path / "s.yaml"
     spec.write_text("attncc: 1\nname: t\nblock_size: 32\nrules:\n  - mask: {all: [causal, {window: 40}]}\n")
     out = tmp_path / "dump"
     assert (
         main(
             [
+                "dump",
                 str(spec),
                 "--q-len",
                 "100",
@@ -393,7 +330,7 @@ def test_dump_cli(tmp_path, capsys):
     assert entry["kernel"] == "causal_window40_fwd_kernel" and (out / entry["file"]).exists()
     later = tmp_path / "later.yaml"
     later.write_text("attncc: 1\nname: t\nrules:\n  - where: {layers: '2-'}\n    mask: causal\n")
-    assert main([str(later), "--q-len", "64", "--heads", "2", "--head-dim", "64", "--out", str(out)]) == 2
+    assert main(["dump", str(later), "--q-len", "64", "--heads", "2", "--head-dim", "64", "--out", str(out)]) == 2
     assert "no rule" in capsys.readouterr().err
 
 
@@ -401,9 +338,7 @@ def test_dump_cli(tmp_path, capsys):
 def test_every_generated_kernel_compiles_for_sm90(tmp_path):
     """AOT: every kernel the tests above generated compiles for sm_90 (two worker subprocesses),
     each distinct plan once, plus a typical 64x64 bf16 tile whose resources are checked."""
-    from attncc.codegen.aot import compile_plans
-
-    typical = make_plan(M.Causal(), heads=4, q_len=1024, head_dim=64, dtype="bfloat16", block_q=64, block_kv=64)
+    typical = make_plan(M.Causal(), heads=4, q_len=1024, head_dim=64, dtype="bfloat16", block=64, block_kv=64)
     chosen = list({p.key(): p for p in [typical, *GENERATED.values()]}.values())
     assert len(GENERATED) >= 30, "runs after the kernel tests, which register what they generate"
     print(f"compiling {len(chosen)} generated kernels for sm_90")
@@ -424,7 +359,7 @@ def test_every_generated_kernel_compiles_for_sm90(tmp_path):
 def test_triton_executor_on_cuda(case):
     grid = (4, 8, 8)
     plans = {
-        "causal": (make_plan(M.Causal(), q_len=512, head_dim=64, block_q=64, block_kv=64), None),
+        "causal": (make_plan(M.Causal(), q_len=512, head_dim=64, block=64, block_kv=64), None),
         "heads_gqa": (
             make_plan(
                 M.Causal(),
@@ -434,24 +369,24 @@ def test_triton_executor_on_cuda(case):
                 head_to_program=(0, 1, 0, 1),
                 q_len=300,
                 head_dim=64,
-                block_q=64,
+                block=64,
                 block_kv=32,
             ),
             None,
         ),
         "tile3d_perm": (
             make_plan(
-                M.Tile3D(grid, (1, 2, 2)), q_len=256, block_q=64, block_kv=64, permute=TilePermutation(grid, (1, 8, 8))
+                M.Tile3D(grid, (1, 2, 2)), q_len=256, block=64, block_kv=64, permute=TilePermutation(grid, (1, 8, 8))
             ),
             None,
         ),
         "mask_bool": (
-            make_plan(M.Causal(), q_len=200, mask_kind="bool", block_q=64, block_kv=64),
+            make_plan(M.Causal(), q_len=200, mask_kind="bool", block=64, block_kv=64),
             _bool_mask(2, 200, 200).cuda(),
         ),
-        "seq100_d80": (make_plan(M.Causal(), q_len=100, head_dim=80, block_q=32, block_kv=32), None),
-        "bf16": (make_plan(M.Causal(), q_len=256, head_dim=128, dtype="bfloat16", block_q=64, block_kv=64), None),
-        "fp16": (make_plan(M.Window(100, 0), q_len=256, head_dim=64, dtype="float16", block_q=64, block_kv=64), None),
+        "seq100_d80": (make_plan(M.Causal(), q_len=100, head_dim=80, block=32, block_kv=32), None),
+        "bf16": (make_plan(M.Causal(), q_len=256, head_dim=128, dtype="bfloat16", block=64, block_kv=64), None),
+        "fp16": (make_plan(M.Window(100, 0), q_len=256, head_dim=64, dtype="float16", block=64, block_kv=64), None),
     }
     plan, mask = plans[case]
     check_plan(plan, batch=2, mask_tensor=mask, device="cuda")

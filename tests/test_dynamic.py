@@ -8,12 +8,13 @@ import pathlib
 
 import pytest
 import torch
-from attncc.codegen import selectors as S
 
 import attncc
-from attncc import masks as M
+from attncc.codegen.selectors import layout as SL
+from attncc.codegen.selectors import run as S
 from attncc.counters import counters
-from attncc.plan import AttentionPlan
+from attncc.ir import masks as M
+from attncc.ir.plan import AttentionPlan
 from attncc.spec import SpecError, check_executable, load_spec
 
 transformers = pytest.importorskip("transformers")
@@ -61,7 +62,7 @@ def selected_reference_attention(spec):
             block_q=bq,
             block_kv=bk,
         )
-        allowed = S.dense_selected_mask(plan, S.select_blocks(plan, query, key, "torch"))
+        allowed = SL.dense_selected_mask(plan, S.select_blocks(plan, query, key))
         g = h // key.shape[1]
         k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
         scores = (query @ k.transpose(-1, -2)) * scaling

@@ -7,14 +7,16 @@ import subprocess
 import sys
 import textwrap
 
+import mask_cases
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attncc import masks as M
-from attncc.blocks import EMPTY, FULL, PARTIAL, classify, count_allowed, token_blocks
-from attncc.permute import TilePermutation
+from attncc.ir import masks as M
+from attncc.ir.blocks import EMPTY, FULL, PARTIAL, classify, count_allowed, token_blocks
+from attncc.ir.permute import TilePermutation
+from attncc.spec import parse_mask
 
 PROPERTY = settings(
     max_examples=60,
@@ -131,9 +133,31 @@ def test_classify_matches_dense_tile3d_and_permutation(grid_tile, permuted, bloc
     n = grid[0] * grid[1] * grid[2]
     window = st.tuples(*(st.integers(0, g) for g in grid))
     tile3d = window.map(lambda w: M.Tile3D(grid, w))
-    mask = data.draw(compositions(st.one_of(tile3d, primitives(n))))
+    kernel = st.tuples(*(st.integers(0, (g - 1) // 2).map(lambda r: 2 * r + 1) for g in grid))
+    neighborhood = kernel.map(lambda k: M.Neighborhood(grid, k))
+    mask = data.draw(compositions(st.one_of(tile3d, neighborhood, primitives(n))))
     order = TilePermutation(grid, tile).index() if permuted else None
     check_classification(mask, n, n, block_q, block_kv, order=order)
+
+
+def test_every_primitive_has_a_case():
+    assert {mask_cases.primitive_of(c) for c in mask_cases.CASES} == set(M.PRIMITIVES)
+
+
+@pytest.mark.parametrize("case", mask_cases.params(mask_cases.static_cases()))
+@pytest.mark.parametrize("n", [1, 63, 75, 200])
+def test_classify_matches_dense_for_every_case(case, n):
+    mask = mask_cases.mask(case, n)
+    gridded = any(m.box_grid() is not None for m in mask.walk())
+    for block_q, block_kv in ((16, 16), (32, 16), (64, 128)):
+        check_classification(mask, n, n, block_q, block_kv, head=1)
+        if not gridded:
+            # a query offset (the last queries of a longer sequence) and a longer kv
+            check_classification(mask, max(1, n // 2), n, block_q, block_kv, q_offset=n - max(1, n // 2))
+        elif n > 1:
+            tile = [g if i == 0 else 1 for i, g in enumerate(mask_cases.grid(n))]
+            order = TilePermutation(tuple(mask_cases.grid(n)), tuple(tile)).index()
+            check_classification(mask, n, n, block_q, block_kv, order=order)
 
 
 CASES = {
@@ -179,6 +203,37 @@ def test_tile3d_predicate():
     for i, a in enumerate(coords):
         for j, b in enumerate(coords):
             assert bool(got[i, j]) == all(abs(x - y) <= r for x, y, r in zip(a, b, window))
+
+
+def _natten_window_start(index: int, length: int, kernel: int) -> int:
+    """NATTEN's ``get_window_start`` at dilation 1, as NATTEN writes it."""
+    neighborhood = kernel // 2
+    if index < neighborhood:
+        return 0
+    if index + neighborhood >= length:
+        return length - kernel
+    return index - neighborhood
+
+
+@pytest.mark.parametrize("grid, kernel", [((2, 3, 4), (1, 3, 3)), ((3, 5, 7), (3, 3, 5)), ((1, 4, 9), (1, 3, 9))])
+def test_neighborhood_predicate_is_natten(grid, kernel):
+    n = grid[0] * grid[1] * grid[2]
+    got = M.dense(M.Neighborhood(grid, kernel), n, n)[0]
+    coords = [(t, h, w) for t in range(grid[0]) for h in range(grid[1]) for w in range(grid[2])]
+    for i, a in enumerate(coords):
+        starts = [_natten_window_start(x, g, k) for x, g, k in zip(a, grid, kernel)]
+        for j, b in enumerate(coords):
+            want = all(s <= y < s + k for y, s, k in zip(b, starts, kernel))
+            assert bool(got[i, j]) == want, (a, b)
+    # unlike tile3d's window, which shrinks at the edges, every query sees exactly kt*kh*kw keys
+    assert (got.sum(1) == kernel[0] * kernel[1] * kernel[2]).all()
+
+
+def test_neighborhood_kernel_must_be_odd_and_fit_the_grid():
+    with pytest.raises(M.MaskError, match=r"neighborhood.kernel\[1\] = 2 must be odd"):
+        parse_mask({"neighborhood": {"grid": [2, 4, 4], "kernel": [1, 2, 3]}}, {})
+    with pytest.raises(M.MaskError, match=r"neighborhood.kernel\[0\] = 3 is larger than grid\[0\] = 2"):
+        parse_mask({"neighborhood": {"grid": [2, 4, 4], "kernel": [3, 3, 3]}}, {})
 
 
 def test_tile3d_length_mismatch_is_reported():
@@ -243,15 +298,14 @@ def test_permutation_does_not_help_when_a_raster_block_is_already_a_tile():
 
 # -- Triton predicates: each primitive's expression, run in a real kernel under the interpreter ---------------
 
-TRITON_CASES = dict(
-    CASES,
-    full=M.Full(),
-    random2=M.RandomBlocks(2, 5, 16),
-    tile3d=M.Tile3D((2, 4, 8), (1, 1, 3)),
-    composed=M.All((M.Causal(), M.Any_((M.Sink(4), M.Not(M.Strided(5)))))),
-    window_big=M.Window(40, 0),
-    power7=M.Power(7),
-)
+#: spec nodes: every static case of tests/mask_cases.py at 64 tokens, plus compositions
+TRITON_CASES = {
+    **{c: mask_cases.CASES[c](64) for c in mask_cases.static_cases()},
+    "composed": {"all": ["causal", {"any": [{"sink": 4}, {"not": {"strided": 5}}]}]},
+    "window_big": {"window": 41},
+    "power7": {"power": 7},
+    "random_blocks/other": {"random_blocks": {"n": 2, "seed": 5, "block": 16}},
+}
 
 _KERNEL = """
 @triton.jit
@@ -265,12 +319,13 @@ def pred_{i}(out_ptr, off_h, q_off, KV_LEN, BM: tl.constexpr, BN: tl.constexpr):
 
 _DRIVER = """
 import torch
-from attncc import masks as M
+from attncc.ir import masks as M
+from attncc.spec import parse_mask
 import predicates as P
 cases = {cases}
 bad = []
 for i, name in enumerate(cases):
-    mask = eval(cases[name], vars(M))
+    mask = parse_mask(cases[name], {{}})
     for head, q_off in ((0, 0), (3, 0), (1, 37)):
         out = torch.full((64, 64), -1, dtype=torch.int8)
         getattr(P, "pred_%d" % i)[(1,)](out, head, q_off, 64, BM=64, BN=64)
@@ -283,11 +338,12 @@ print("BAD", bad)
 
 def test_triton_predicates_match_dense_under_the_interpreter(tmp_path):
     names = list(TRITON_CASES)
-    kernels = [_KERNEL.format(i=i, expr=TRITON_CASES[n].triton()) for i, n in enumerate(names)]
-    source = "import triton\nimport triton.language as tl\n" + M.TRITON_HELPERS + "".join(kernels)
+    masks = [parse_mask(TRITON_CASES[n], {}) for n in names]
+    kernels = [_KERNEL.format(i=i, expr=m.triton()) for i, m in enumerate(masks)]
+    helpers = "".join(dict.fromkeys(h for m in masks for node in m.walk() for h in node.triton_helpers()))
+    source = "import triton\nimport triton.language as tl\n" + helpers + "".join(kernels)
     (tmp_path / "predicates.py").write_text(source)
-    cases = {n: repr(TRITON_CASES[n]).replace("Any_(", "Any_(") for n in names}
-    (tmp_path / "driver.py").write_text(_DRIVER.format(cases=cases))
+    (tmp_path / "driver.py").write_text(_DRIVER.format(cases=TRITON_CASES))
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     done = subprocess.run(
         [sys.executable, str(tmp_path / "driver.py")], env=env, capture_output=True, text=True, timeout=300

@@ -11,13 +11,15 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
-from attncc.codegen import selectors as S
 
 import attncc
-from attncc import masks as M
 from attncc.backend import Options, attncc_backend
+from attncc.codegen.selectors import layout as SL
+from attncc.codegen.selectors import reference as SR
+from attncc.codegen.selectors import run as S
 from attncc.counters import counters
-from attncc.plan import AttentionPlan
+from attncc.ir import masks as M
+from attncc.ir.plan import AttentionPlan
 from attncc.spec import SpecError, check_executable, load_spec
 
 transformers = pytest.importorskip("transformers")
@@ -90,8 +92,8 @@ class Reference:
         rule, name = self.spec.rules[i], self.spec.rule_name(i)
         plan = self.plan(i, query, key, value, scaling)
         if rule.permute is not None and rule.permute.by is not None:
-            order = S.key_order(query, key, rule.permute.segment)
-            return S.dense_permuted_mask(plan, S.select_permuted(plan, query, key, order), order)
+            order = SR.key_order(query, key, rule.permute.segment)
+            return SR.dense_permuted_mask(plan, SR.select_permuted(plan, query, key, order), order)
         reuse = rule.reuse
         if reuse is not None and reuse.from_ is not None:
             source = reuse.from_
@@ -102,10 +104,10 @@ class Reference:
         elif reuse is not None and self.call_mode == "stored":
             selected = self.stored[layer]
         else:
-            selected = S.select_blocks(plan, query, key, "torch")
+            selected = S.select_blocks(plan, query, key)
             self.stored[layer] = selected
         self.by_rule[name] = self.by_layer[layer] = selected
-        return S.dense_selected_mask(plan, selected)
+        return SL.dense_selected_mask(plan, selected)
 
     def __call__(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         allowed = self.allowed(module, query, key, value, scaling)
@@ -180,7 +182,7 @@ def test_selection_threads_through_the_graph_as_a_value_under_interpret():
     """attention_select's third output, fed to attention_reuse, under the Triton interpreter."""
     prog = M.All((M.Causal(), M.Any_((M.Sink(16), M.Window(15, 0), M.Selector("topk", (("k", 1),))))))
     plan = AttentionPlan((prog,), (0, 0), 2, 1, 50, 50, 16, 16, "float32", 0.25, 16, 16, rule="r")
-    from attncc import registry
+    from attncc.runtime import registry
 
     key = registry.register_plan(plan)
     g = torch.Generator().manual_seed(0)
@@ -188,9 +190,9 @@ def test_selection_threads_through_the_graph_as_a_value_under_interpret():
     k, v = torch.randn(2, 1, 1, 50, 16, generator=g)
     out1, _, selected = torch.ops.attncc.attention_select(q1, k, v, None, key, "interpret")
     out2, _ = torch.ops.attncc.attention_reuse(q2, k, v, None, selected, key, "interpret")
-    assert torch.equal(selected, S.select_blocks(plan, q1, k, "torch"))
+    assert torch.equal(selected, S.select_blocks(plan, q1, k))
     for q, out in ((q1, out1), (q2, out2)):
-        ref, _ = S.attend(plan, q, k, v, None, selected, "reference")
+        ref, _ = S.attend(plan, q, k, v, None, selected)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"rule 'r'.*needs bool \(1, 2, 4, 4\)"):
         torch.ops.attncc.attention_reuse(q2, k, v, None, selected[:, :1], key, "torch")
@@ -349,7 +351,7 @@ def test_key_order_sorts_each_segment_by_importance():
     q = torch.randn(2, 4, 30, 8, generator=g)
     k = torch.randn(2, 2, 37, 8, generator=g)
     k[0, 0, 3] = k[0, 0, 5]  # a tie: the lower position goes first
-    order = S.key_order(q, k, 16)
+    order = SR.key_order(q, k, 16)
     for b in range(2):
         for j in range(2):
             qbar = q[b, 2 * j : 2 * j + 2].reshape(-1, 8).mean(0)
@@ -375,7 +377,7 @@ def test_selection_in_the_identity_order_is_the_model_order_selection():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 4, 100, 16, generator=g), torch.randn(1, 2, 100, 16, generator=g)
     identity = torch.arange(100).expand(1, 2, 100)
-    assert torch.equal(S.select_permuted(plan, q, k, identity), S.select_blocks(plan, q, k, "torch"))
+    assert torch.equal(SR.select_permuted(plan, q, k, identity), S.select_blocks(plan, q, k))
 
 
 @pytest.mark.parametrize(
@@ -392,15 +394,15 @@ def test_permuted_attention_equals_reference_with_the_mask_mapped_back(length, s
     if mask_kind is not None:
         keep = torch.rand(2, 1, length, length, generator=g) > 0.2
         mask = keep if mask_kind == "bool" else torch.where(keep, torch.randn(keep.shape, generator=g), -torch.inf)
-    out, lse = S.run_permuted(plan, q, k, v, mask, "torch", segment)
-    order = S.key_order(q, k, segment)
-    allowed = S.dense_permuted_mask(plan, S.select_permuted(plan, q, k, order), order)
+    out, lse = S.run_permuted(plan, q, k, v, mask, segment)
+    order = SR.key_order(q, k, segment)
+    allowed = SR.dense_permuted_mask(plan, SR.select_permuted(plan, q, k, order), order)
     assert not torch.equal(order, torch.arange(length).expand_as(order))
     want, want_lse = S._attend_dense(plan, q, k, v, mask, allowed)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=0)
     # the order matters: selecting in model order gives another mask
-    assert not torch.equal(allowed, S.dense_selected_mask(plan, S.select_blocks(plan, q, k, "torch")))
+    assert not torch.equal(allowed, SL.dense_selected_mask(plan, S.select_blocks(plan, q, k)))
 
 
 def test_compiled_llama_with_runtime_key_order_equals_reference():

@@ -14,13 +14,17 @@ import dataclasses
 
 import pytest
 import torch
-from attncc.codegen import selectors as S
-from attncc.codegen.reference import attention_reference
 
-from attncc import masks as M
-from attncc.blocks import EMPTY
-from attncc.plan import AttentionPlan
-from attncc.selection import SelectorError, resolve_selector, split_program, substitute
+from attncc.codegen.executors import run
+from attncc.codegen.forward.reference import attention_reference
+from attncc.codegen.selectors import launch as SLA
+from attncc.codegen.selectors import layout as SL
+from attncc.codegen.selectors import reference as SR
+from attncc.codegen.selectors import run as S
+from attncc.ir import masks as M
+from attncc.ir.blocks import EMPTY
+from attncc.ir.plan import AttentionPlan
+from attncc.ir.selection import SelectorError, resolve_selector, split_program, substitute
 from attncc.spec import SpecError, check_executable, load_spec
 
 
@@ -126,7 +130,7 @@ def test_dense_selected_mask_follows_the_algebra(prog):
     g = torch.Generator().manual_seed(1)
     nq = -(-70 // 16)
     selected = torch.rand(1, 1, nq, nq, generator=g) < 0.4
-    got = S.dense_selected_mask(plan, selected)[0, 0]
+    got = SL.dense_selected_mask(plan, selected)[0, 0]
     tok = selected[0, 0].repeat_interleave(16, 0)[:70].repeat_interleave(16, 1)[:, :70]
     assert torch.equal(got, _eval(prog, tok, 70, 70))
 
@@ -136,9 +140,9 @@ def test_topk_takes_the_highest_logits_and_breaks_ties_by_lower_index():
     cfg = resolve_selector(sel("topk", k=2), 16, 16)
     logits = torch.tensor([[[[0.0, 3.0, 1.0, 3.0, 2.0]]]])
     cand = torch.tensor([[True, True, True, True, False]])
-    assert S.select_reference(logits, cand, cfg)[0, 0, 0].tolist() == [False, True, False, True, False]
+    assert SR.select_reference(logits, cand, cfg)[0, 0, 0].tolist() == [False, True, False, True, False]
     ties = torch.zeros(1, 1, 1, 5)
-    assert S.select_reference(ties, cand, cfg)[0, 0, 0].tolist() == [True, True, False, False, False]
+    assert SR.select_reference(ties, cand, cfg)[0, 0, 0].tolist() == [True, True, False, False, False]
 
 
 def test_threshold_is_the_smallest_prefix_reaching_tau():
@@ -147,9 +151,9 @@ def test_threshold_is_the_smallest_prefix_reaching_tau():
     logits = p.log().view(1, 1, 1, 4)
     cand = torch.ones(1, 4, dtype=torch.bool)
     # sorted masses 0.5, 0.25 (0.75 >= 0.7): two blocks
-    assert S.select_reference(logits, cand, cfg)[0, 0, 0].tolist() == [False, True, False, True]
+    assert SR.select_reference(logits, cand, cfg)[0, 0, 0].tolist() == [False, True, False, True]
     cfg_min = resolve_selector(sel("threshold", tau=0.1, min_blocks=3), 16, 16)
-    assert S.select_reference(logits, cand, cfg_min)[0, 0, 0].tolist() == [False, True, True, True]
+    assert SR.select_reference(logits, cand, cfg_min)[0, 0, 0].tolist() == [False, True, True, True]
 
 
 # -- Triton kernels (interpreter) against the reference ---------------------------------------------
@@ -166,23 +170,23 @@ def test_kernels_equal_reference(name):
     prog = M.All((M.Causal(), M.Any_((M.Sink(8), SELECTORS[name]))))
     plan = make_plan(prog, q_len=72)
     q, k, _ = inputs(plan, batch=2)
-    lay = S.layout(plan)
+    lay = SL.layout(plan)
     cfg, cand = lay.configs[0], lay.candidates[0]
     kv_head = torch.arange(plan.num_heads) // plan.gqa_group
-    qf_ref, kf_ref = S.features_reference(q, cfg, True), S.features_reference(k, cfg, False)
-    qf, kf = S.features_triton(q, cfg, True, "interpret"), S.features_triton(k, cfg, False, "interpret")
+    qf_ref, kf_ref = SR.features_reference(q, cfg, True), SR.features_reference(k, cfg, False)
+    qf, kf = SLA.features_triton(q, cfg, True, "interpret"), SLA.features_triton(k, cfg, False, "interpret")
     torch.testing.assert_close(qf, qf_ref, atol=1e-6, rtol=0)
     torch.testing.assert_close(kf, kf_ref, atol=1e-6, rtol=0)
-    logits_ref = S.block_logits_reference(qf, kf, kv_head, cand, cfg, plan.scale)
-    logits = S.block_logits_triton(qf, kf, kv_head, cand, cfg, plan.scale, "interpret")
+    logits_ref = SR.block_logits_reference(qf, kf, kv_head, cand, cfg, plan.scale)
+    logits = SLA.block_logits_triton(qf, kf, kv_head, cand, cfg, plan.scale, "interpret")
     assert torch.equal(torch.isinf(logits), ~cand.expand_as(logits))
     torch.testing.assert_close(logits, logits_ref, atol=1e-4, rtol=0)
     # identical selections and tables from the same logits (ties included)
     for lg in (logits, logits.round()):
-        assert torch.equal(S.select_triton(lg, cand, cfg, "interpret"), S.select_reference(lg, cand, cfg))
+        assert torch.equal(SLA.select_triton(lg, cand, cfg, "interpret"), SR.select_reference(lg, cand, cfg))
     selected = S.select_blocks(plan, q, k, "interpret")
     assert selected.any()
-    for got, want in zip(S.tables_triton(selected, lay, "interpret"), S.tables_reference(selected, lay)):
+    for got, want in zip(SLA.tables_triton(selected, lay, "interpret"), SR.tables_reference(selected, lay)):
         for f in ("kv_num_blocks", "kv_indices", "full_num_blocks", "full_indices"):
             assert torch.equal(getattr(got, f), getattr(want, f)), f
 
@@ -190,13 +194,13 @@ def test_kernels_equal_reference(name):
 def test_selection_stays_inside_candidates_and_k():
     plan = make_plan(STREAM_TOPK, q_len=130)
     q, k, _ = inputs(plan)
-    selected = S.select_blocks(plan, q, k, "torch")
-    lay = S.layout(plan)
+    selected = S.select_blocks(plan, q, k)
+    lay = SL.layout(plan)
     cand = lay.candidates[0]
     assert not (selected & ~cand).any()
     assert torch.equal(selected.sum(-1), cand.sum(-1).clamp(max=2).expand(1, 2, -1))
     # the static parts keep their blocks: the mask holds the streaming blocks whatever is selected
-    dense = S.dense_selected_mask(plan, selected)
+    dense = SL.dense_selected_mask(plan, selected)
     static = M.dense(split_program(STREAM_TOPK).when_not, 130, 130)
     assert (dense | ~static).all() and not (dense & ~M.dense(M.Causal(), 130, 130)).any()
     # where the selection changes nothing, both label maps agree
@@ -220,11 +224,10 @@ def test_attention_equals_reference_with_selected_mask(case, executor):
     prog, kw = CASES[case]
     plan = make_plan(prog, **kw)
     q, k, v = inputs(plan)
-    from attncc.codegen.executors import run
 
     out, lse = run(plan, q, k, v, None, executor)
-    selected = S.select_blocks(plan, q, k, "interpret" if executor == "interpret" else "torch")
-    ref_out, ref_lse = reference_with(plan, q, k, v, S.dense_selected_mask(plan, selected))
+    selected = S.select_blocks(plan, q, k, "interpret" if executor == "interpret" else None)
+    ref_out, ref_lse = reference_with(plan, q, k, v, SL.dense_selected_mask(plan, selected))
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
 
@@ -238,14 +241,14 @@ def test_interpret_fp16_with_model_mask_tensor_and_heads():
     model_mask[..., 40:] = False
     selected = S.select_blocks(plan, q, k, "interpret")
     assert not selected[:, 1].any()
-    out = S.run_dynamic(plan, q, k, v, model_mask, "interpret")[0]
-    ref = reference_with(plan, q, k, v, S.dense_selected_mask(plan, selected) & model_mask)[0]
+    out = run(plan, q, k, v, model_mask, "interpret")[0]
+    ref = reference_with(plan, q, k, v, SL.dense_selected_mask(plan, selected) & model_mask)[0]
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-3, rtol=0)
 
 
 def test_candidates_exclude_blocks_the_static_part_keeps():
     plan = make_plan(STREAM_TOPK, q_len=100)
-    cand = S.layout(plan).candidates[0]
+    cand = SL.layout(plan).candidates[0]
     allowed_static = M.dense(split_program(STREAM_TOPK).when_not, 100, 100)[0]
     nq = cand.shape[0]
     for i in range(nq):
@@ -253,7 +256,7 @@ def test_candidates_exclude_blocks_the_static_part_keeps():
             tile = allowed_static[i * 16 : (i + 1) * 16, j * 16 : (j + 1) * 16]
             causal = M.dense(M.Causal(), 100, 100)[0, i * 16 : (i + 1) * 16, j * 16 : (j + 1) * 16]
             assert bool(cand[i, j]) == bool((causal & ~tile).any()), (i, j)
-    assert S.layout(plan).labels_sel[0].ne(EMPTY).sum() >= S.layout(plan).labels_not[0].ne(EMPTY).sum()
+    assert SL.layout(plan).labels_sel[0].ne(EMPTY).sum() >= SL.layout(plan).labels_not[0].ne(EMPTY).sum()
 
 
 # -- compile-time refusals ---------------------------------------------------------------------------

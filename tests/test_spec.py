@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attncc
-from attncc import masks as M
+from attncc.ir import masks as M
 from attncc.spec import SpecError, check_executable, json_schema, load_spec, resolve
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -2,54 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import mask_cases
 import pytest
 import torch
+from support import inputs, make_plan
+
 from attncc.codegen import torch_exec
 from attncc.codegen.executors import run
-from attncc.codegen.reference import attention_reference
-
-from attncc import masks as M
-from attncc.permute import TilePermutation
-from attncc.plan import AttentionPlan
+from attncc.codegen.forward.reference import attention_reference
+from attncc.ir import masks as M
+from attncc.ir.dtypes import dtype_name
+from attncc.ir.permute import TilePermutation
+from attncc.ir.plan import AttentionPlan
+from attncc.runtime.registry import register_plan
 
 # fp32: both sides accumulate in fp32 in different orders; fp16/bf16: output rounding only;
 # fp64: the log-sum-exp (and so the merge weights) is carried in fp32 by contract
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-6}
 
 
-def plan_of(
-    programs,
-    h2p,
-    heads=4,
-    kv_heads=None,
-    seq=200,
-    kv_seq=None,
-    dim=16,
-    dim_v=None,
-    block=64,
-    block_kv=None,
-    permute=None,
-    q_offset=0,
-    mask_kind=None,
-    dtype="float32",
-):
-    return AttentionPlan(
-        programs=tuple(programs),
-        head_to_program=tuple(h2p),
-        num_heads=heads,
-        num_kv_heads=kv_heads or heads,
-        q_len=seq,
-        kv_len=kv_seq or seq,
-        head_dim=dim,
-        head_dim_v=dim_v or dim,
-        dtype=dtype,
-        scale=dim**-0.5,
-        block_q=block,
-        block_kv=block_kv or block,
-        permute=permute,
-        q_offset=q_offset,
-        mask_kind=mask_kind,
-    )
+def plan_of(*programs, **kw) -> AttentionPlan:
+    """A CPU-executor test plan: 4 heads, 200 tokens, head dim 16, 64-token blocks."""
+    return make_plan(*programs, **{"heads": 4, "q_len": 200, "head_dim": 16, "block": 64, **kw})
+
+
+def attend(plan, q, k, v, mask=None):
+    """``(out, lse)`` of the torch executor through the custom op (differentiable)."""
+    return torch.ops.attncc.attention(q, k, v, mask, register_plan(plan), "torch")
 
 
 def causal_window(n):
@@ -61,45 +42,40 @@ def sink_window(sink, n):
 
 
 CASES = {
-    "causal": plan_of([M.Causal()], [0] * 4),
-    "causal_q_offset_short_q": plan_of([M.Causal()], [0] * 4, seq=100, kv_seq=300, q_offset=200),
-    "causal_kv_longer_no_offset": plan_of([M.Causal()], [0] * 4, seq=63, kv_seq=130),
-    "window40_block32": plan_of([causal_window(40)], [0] * 4, seq=300, block=32),
-    "sink16_window64_seq333": plan_of([sink_window(16, 64)], [0] * 4, seq=333),
-    "per_head_programs": plan_of([M.Causal(), sink_window(16, 64)], [0, 1, 0, 1], seq=257),
-    "gqa3_mixed_programs": plan_of([M.Causal(), M.Window(30, 5)], [0, 0, 1, 1, 0, 1], heads=6, kv_heads=2, seq=190),
-    "gqa_causal": plan_of([M.Causal()], [0] * 6, heads=6, kv_heads=2, seq=190),
-    "block_causal_bq32_bk64": plan_of([M.BlockCausal(64)], [0] * 4, seq=300, block=32, block_kv=64),
-    "tile3d_permuted": plan_of(
-        [M.Tile3D((4, 8, 8), (1, 2, 2))], [0] * 4, seq=256, block=32, permute=TilePermutation((4, 8, 8), (2, 4, 4))
+    "causal": plan_of(M.Causal()),
+    "causal_q_offset_short_q": plan_of(M.Causal(), q_len=100, kv_len=300, q_offset=200),
+    "causal_kv_longer_no_offset": plan_of(M.Causal(), q_len=63, kv_len=130),
+    "window40_block32": plan_of(causal_window(40), q_len=300, block=32),
+    "sink16_window64_seq333": plan_of(sink_window(16, 64), q_len=333),
+    "per_head_programs": plan_of(M.Causal(), sink_window(16, 64), head_to_program=(0, 1, 0, 1), q_len=257),
+    "gqa3_mixed_programs": plan_of(
+        M.Causal(), M.Window(30, 5), head_to_program=(0, 0, 1, 1, 0, 1), heads=6, kv_heads=2, q_len=190
     ),
-    "random_blocks": plan_of([M.RandomBlocks(2, 3, 32)], [0] * 4, seq=200, block=32),
-    "full_dv24": plan_of([M.Full()], [0] * 4, seq=130, dim_v=24),
-    "chunk50": plan_of([M.Chunk(50)], [0] * 4, seq=210, block=32),
-    "strided_causal": plan_of([M.All((M.Causal(), M.Strided(7)))], [0] * 4, seq=150, block=32),
-    "no_key_anywhere": plan_of([M.Not(M.Full())], [0] * 4, seq=100),
-    "dim80_window": plan_of([M.Window(20, 20)], [0] * 2, heads=2, seq=500, dim=80),
+    "gqa_causal": plan_of(M.Causal(), heads=6, kv_heads=2, q_len=190),
+    "block_causal_bq32_bk64": plan_of(M.BlockCausal(64), q_len=300, block=32, block_kv=64),
+    "tile3d_permuted": plan_of(
+        M.Tile3D((4, 8, 8), (1, 2, 2)), q_len=256, block=32, permute=TilePermutation((4, 8, 8), (2, 4, 4))
+    ),
+    "random_blocks": plan_of(M.RandomBlocks(2, 3, 32), q_len=200, block=32),
+    "full_dv24": plan_of(M.Full(), q_len=130, head_dim_v=24),
+    "chunk50": plan_of(M.Chunk(50), q_len=210, block=32),
+    "strided_causal": plan_of(M.All((M.Causal(), M.Strided(7))), q_len=150, block=32),
+    "no_key_anywhere": plan_of(M.Not(M.Full()), q_len=100),
+    "dim80_window": plan_of(M.Window(20, 20), heads=2, q_len=500, head_dim=80),
     # query blocks with 3+ kv runs: one gathered call each, padded kv lengths
     "tile3d_gathered_gqa": plan_of(
-        [M.Tile3D((4, 8, 16), (1, 2, 3))],
-        [0] * 4,
+        M.Tile3D((4, 8, 16), (1, 2, 3)),
         kv_heads=2,
-        seq=512,
+        q_len=512,
         block=32,
         permute=TilePermutation((4, 8, 16), (2, 4, 4)),
     ),
-    "random_blocks_gathered_seq290": plan_of([M.RandomBlocks(3, 5, 32)], [0] * 2, heads=2, seq=290, block=32),
+    "random_blocks_gathered_seq290": plan_of(M.RandomBlocks(3, 5, 32), heads=2, q_len=290, block=32),
 }
 
 
-def inputs(plan, batch=2, dtype=torch.float32, grad=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    shapes = [
-        (batch, plan.num_heads, plan.q_len, plan.head_dim),
-        (batch, plan.num_kv_heads, plan.kv_len, plan.head_dim),
-        (batch, plan.num_kv_heads, plan.kv_len, plan.head_dim_v),
-    ]
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_(grad) for s in shapes]
+def qkv(plan, batch=2, grad=False, seed=0):
+    return inputs(plan, batch, seed, grad=grad)[:3]
 
 
 def assert_close_lse(lse, ref):
@@ -116,11 +92,9 @@ def nan_buffers(monkeypatch):
     )
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_forward_and_grad_match_reference(name):
-    plan = CASES[name]
-    q, k, v = inputs(plan, grad=True)
-    out, lse = torch_exec.attention_torch(plan, q, k, v)
+def check_against_reference(plan: AttentionPlan) -> None:
+    q, k, v = qkv(plan, grad=True)
+    out, lse = attend(plan, q, k, v)
     ref, ref_lse = attention_reference(plan, q, k, v)
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-5)
     assert_close_lse(lse, ref_lse)
@@ -131,19 +105,29 @@ def test_forward_and_grad_match_reference(name):
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4, msg=lambda m, w=what: f"d{w}: {m}")
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_and_grad_match_reference(name):
+    check_against_reference(CASES[name])
+
+
+@pytest.mark.parametrize("case", mask_cases.params(mask_cases.static_cases()))
+def test_every_mask_case(case):
+    check_against_reference(plan_of(mask_cases.mask(case, 75), heads=2, kv_heads=1, q_len=75, block=16))
+
+
 def test_rows_without_keys_are_zero_with_neg_inf_lse():
     plan = CASES["no_key_anywhere"]
-    q, k, v = inputs(plan)
-    out, lse = torch_exec.attention_torch(plan, q, k, v)
+    q, k, v = qkv(plan)
+    out, lse = attend(plan, q, k, v)
     assert torch.equal(out, torch.zeros_like(out))
     assert torch.isneginf(lse).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_low_and_high_precision(dtype):
-    plan = CASES["sink16_window64_seq333"]
-    q, k, v = inputs(plan, dtype=dtype)
-    out, lse = torch_exec.attention_torch(plan, q, k, v)
+    plan = dataclasses.replace(CASES["sink16_window64_seq333"], dtype=dtype_name(dtype))
+    q, k, v = qkv(plan)
+    out, lse = attend(plan, q, k, v)
     ref, ref_lse = attention_reference(plan, q, k, v)
     assert out.dtype == dtype and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=TOL[dtype])
@@ -151,15 +135,15 @@ def test_low_and_high_precision(dtype):
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_runtime_mask_tensor(kind):
-    plan = plan_of([M.Window(20, 20)], [0] * 4, seq=150, mask_kind=kind)
+    plan = plan_of(M.Window(20, 20), q_len=150, mask_kind=kind)
     g = torch.Generator().manual_seed(1)
     if kind == "bool":
         mask = torch.rand(2, 1, 150, 150, generator=g) > 0.3
         mask[0, 0, 5] = False  # a row with no key at all
     else:
         mask = torch.randn(2, 4, 1, 150, generator=g)
-    q, k, v = inputs(plan, grad=True)
-    out, lse = torch_exec.attention_torch(plan, q, k, v, mask)
+    q, k, v = qkv(plan, grad=True)
+    out, lse = attend(plan, q, k, v, mask)
     ref, ref_lse = attention_reference(plan, q, k, v, mask)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
     assert_close_lse(lse, ref_lse)
@@ -172,7 +156,7 @@ def test_runtime_mask_tensor(kind):
 
 def test_visits_only_block_table_pairs():
     """Every kernel call covers only kv tokens of blocks in the table (empty blocks never touched)."""
-    plan = plan_of([causal_window(64)], [0] * 2, heads=2, seq=1024)
+    plan = plan_of(causal_window(64), heads=2, q_len=1024)
     prep = torch_exec.prepare(plan)
     table = plan.block_table()
     allowed_blocks = set()
@@ -194,7 +178,7 @@ def test_gqa_shares_kv_without_copies():
     plan = CASES["gqa_causal"]
     prep = torch_exec.prepare(plan)
     assert [u.q_heads.tolist() for u in prep.units] == [[[0, 1, 2], [3, 4, 5]]]
-    _, k, _ = inputs(plan)
+    _, k, _ = qkv(plan)
     ku = torch_exec._unit_kv(k, prep.units[0])
     assert ku.data_ptr() == k.data_ptr()
 
@@ -206,24 +190,24 @@ def test_plan_is_prepared_once():
 
 def test_executor_entry_point_dispatches_here():
     plan = CASES["per_head_programs"]
-    q, k, v = inputs(plan)
+    q, k, v = qkv(plan)
     a = run(plan, q, k, v, executor="torch")[0]
-    b = torch_exec.attention_torch(plan, q, k, v)[0]
+    b = attend(plan, q, k, v)[0]
     assert torch.equal(a, b)
 
 
 def test_dynamic_mask_is_refused():
-    plan = plan_of([M.Selector("topk", (("k", 4),))], [0] * 2, heads=2, seq=128)
-    q, k, v = inputs(plan)
+    plan = plan_of(M.Selector("topk", (("k", 4),)), heads=2, q_len=128)
+    q, k, v = qkv(plan)
     with pytest.raises(ValueError, match="selects blocks"):
-        torch_exec.attention_torch(plan, q, k, v)
+        torch_exec.attention_torch_forward(plan, q, k, v)
 
 
 def test_wrong_shapes_are_reported():
     plan = CASES["causal"]
-    q, k, v = inputs(plan)
-    with pytest.raises(ValueError, match="plan expects"):
-        torch_exec.attention_torch(plan, q[:, :, :100], k, v)
+    q, k, v = qkv(plan)
+    with pytest.raises(ValueError, match=r"expects q of shape \[2, 4, 200, 16\]"):
+        run(plan, q[:, :, :100], k, v, executor="torch")
 
 
 @pytest.mark.parametrize("name", ["tile3d_gathered_gqa", "random_blocks_gathered_seq290"])
@@ -251,11 +235,11 @@ def test_gathered_rows_see_exactly_their_allowed_tokens(name):
 
 def test_single_batch_units_write_the_result_in_place():
     """Batch 1 with several programs: each unit's output is a view of the result (no scatter)."""
-    plan = plan_of([M.Causal(), sink_window(16, 64)], [0, 0, 1, 1], seq=257)
+    plan = plan_of(M.Causal(), sink_window(16, 64), head_to_program=(0, 0, 1, 1), q_len=257)
     prep = torch_exec.prepare(plan)
     assert [torch_exec._direct(u, plan.num_heads, 1) for u in prep.units] == [0, 2]
-    q, k, v = inputs(plan, batch=1)
-    out, lse = torch_exec.attention_torch(plan, q, k, v)
+    q, k, v = qkv(plan, batch=1)
+    out, lse = attend(plan, q, k, v)
     ref, ref_lse = attention_reference(plan, q, k, v)
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-5)
     assert_close_lse(lse, ref_lse)
@@ -269,8 +253,8 @@ def test_gathered_calls_split_under_a_memory_cap(name, monkeypatch):
     monkeypatch.setattr(torch_exec, "GATHER_BYTES", 1)
     grp = next(g for g in torch_exec.prepare(plan).units[0].groups if g.kv_step is None and g.rows.numel() > 1)
     assert len(torch_exec._pieces(grp, 2, plan.head_dim, 4)) == grp.rows.numel()
-    q, k, v = inputs(plan, grad=True)
-    out, lse = torch_exec.attention_torch(plan, q, k, v)
+    q, k, v = qkv(plan, grad=True)
+    out, lse = attend(plan, q, k, v)
     ref, ref_lse = attention_reference(plan, q, k, v)
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=1e-5)
     assert_close_lse(lse, ref_lse)

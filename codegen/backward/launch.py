@@ -1,0 +1,298 @@
+"""Launch a plan's generated backward kernels (dQ, dK/dV): ``triton`` on CUDA tensors, ``interpret``
+on CPU; plus their signatures and constexprs for ahead-of-time compiles and the dump.
+
+Every launch honours the plan's layout contract (model token order, GQA at kv-head shape, optional
+run-time mask tensor, permutation, ``q_offset``) and gives rows with no allowed key
+(``lse = -inf``) zero gradient. An additive mask tensor is a constant: it gets no gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from attncc.codegen.aot import Job, compile_jobs
+from attncc.codegen.backward.generate import kernel_names
+from attncc.codegen.cache import BACKWARD, KernelCache, default_cache
+from attncc.codegen.common import next_pow2
+from attncc.ir.blocks import BlockTable
+from attncc.ir.dtypes import DTYPES, dtype_name
+from attncc.ir.plan import AttentionPlan
+
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+# -- Triton: generated kernels (compiled on CUDA, interpreted on CPU) ---------------------------
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Forward and transposed block tables of a plan, flat and on the kernels' device."""
+
+    forward: BlockTable
+    transposed: BlockTable
+    head_to_program: torch.Tensor
+    order: torch.Tensor
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(plan: AttentionPlan, device: torch.device) -> _Tables:
+    fwd = plan.block_table()
+    tr = fwd.transposed()
+    order = plan.order()
+    if order is None:
+        order = torch.zeros(1, dtype=torch.int64)
+    h2p = torch.tensor(plan.head_to_program, dtype=torch.int32)
+    fwd, tr = (_contiguous(t).to(device) for t in (fwd, tr))
+    return _Tables(fwd, tr, h2p.to(device), order.to(device))
+
+
+def _contiguous(t: BlockTable) -> BlockTable:
+    return BlockTable(
+        t.kv_num_blocks.contiguous(),
+        t.kv_indices.contiguous(),
+        t.full_num_blocks.contiguous(),
+        t.full_indices.contiguous(),
+        t.block_q,
+        t.block_kv,
+        t.num_kv_blocks,
+    )
+
+
+def backward_signatures(plan: AttentionPlan) -> dict[str, dict[str, str]]:
+    """Triton types of each backward kernel's run-time arguments, in order (ahead-of-time compiles)."""
+    elem = f"*{DTYPES[plan.dtype].triton}"
+    mask = {"bool": "*u8", "additive": elem, None: "*i64"}[plan.mask_kind]
+    rows = (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m"))
+    strides = {f"stride_{t}{d}": "i32" for t, row in rows for d in "bh" + row}
+    tables = {"PartialNum": "*i32", "PartialIdx": "*i32", "FullNum": "*i32", "FullIdx": "*i32", "Visits": "*i32"}
+    common = {"Q": elem, "K": elem, "V": elem, "DO": elem, "LSE": "*fp32", "Delta": "*fp32"}
+    pointers = {"MaskT": mask, "QOrder": "*i64", "KVOrder": "*i64", "HeadProgram": "*i32"}
+    mask_strides = {f"stride_m{d}": "i32" for d in "bhmn"}
+    return {
+        "preprocess": {
+            "Out": elem,
+            "DOut": elem,
+            "Delta": "*fp32",
+            **{f"stride_{t}{d}": "i32" for t in ("o", "do") for d in "bhm"},
+        },
+        "dkdv": {
+            **common,
+            "DK": elem,
+            "DV": elem,
+            **pointers,
+            **tables,
+            **strides,
+            **{f"stride_{t}{d}": "i32" for t in ("dk", "dv") for d in "bhn"},
+            **mask_strides,
+            "sm_scale": "fp32",
+        },
+        "dq": {
+            **common,
+            "DQ": elem,
+            **pointers,
+            **tables,
+            **strides,
+            **{f"stride_dq{d}": "i32" for d in "bhm"},
+            **mask_strides,
+            "sm_scale": "fp32",
+        },
+    }
+
+
+def backward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) -> list:
+    """``attncc.codegen.aot.Job``s compiling the plan's three backward kernels for ``sm_<arch>``."""
+    path = str(default_cache().source(plan, BACKWARD))
+    names = kernel_names(plan)
+    consts = backward_constexprs(plan)
+    sigs = backward_signatures(plan)
+    roles = ("preprocess", "dkdv", "dq")
+    return [Job(path, names[r], sigs[r], consts[r], arch, str(out_dir), **launch_options(plan, r)) for r in roles]
+
+
+def launch_options(plan: AttentionPlan, role: str) -> dict[str, int]:
+    """``num_warps`` / ``num_stages`` of a backward kernel (the launcher and the AOT compiles agree).
+    Not tuned on hardware yet: the forward's rule, more warps past head dim 128."""
+    return {
+        "num_warps": 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4,
+        "num_stages": 1 if role == "preprocess" else 2,
+    }
+
+
+def write_backward_kernels(
+    folder: str | os.PathLike, plans: list[AttentionPlan], *, archs: tuple[int, ...] = (90,), aot: bool = True
+) -> list[dict]:
+    """Dump the plans' backward kernels into ``folder``: ``<pattern>_bwd_<hash>.py`` (the source
+    Triton runs) and, when ``aot``, ``<pattern>_bwd_<hash>/sm_<arch>/<kernel>.{ttir,ttgir,ptx,cubin}``
+    compiled without a GPU. One manifest entry per distinct plan; a kernel that fails to compile
+    carries its error instead of files."""
+    out = pathlib.Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    unique = list({p.key(): p for p in plans}.values())
+    entries, jobs, owners = [], [], []
+    for plan in unique:
+        src = default_cache().source(plan, BACKWARD)
+        shutil.copyfile(src, out / src.name)
+        entry = {
+            "plan_key": plan.key(),
+            "pattern": plan.pattern,
+            "file": src.name,
+            "kernels": kernel_names(plan),
+            "targets": {},
+        }
+        entries.append(entry)
+        if aot:
+            for arch in archs:
+                for job in backward_aot_jobs(plan, arch, out / src.stem / f"sm_{arch}"):
+                    jobs.append(job)
+                    owners.append(entry)
+    if jobs:
+        for entry, result in zip(owners, compile_jobs(jobs)):
+            result["files"] = {k: os.path.relpath(v, out) for k, v in result.get("files", {}).items()}
+            entry["targets"].setdefault(result.pop("arch"), {})[result.pop("kernel")] = result
+    return entries
+
+
+def backward_constexprs(
+    plan: AttentionPlan,
+    dtype: str | None = None,
+    mask_kind: str | None = None,
+    *,
+    interpret: bool = False,
+    count_visits: bool = False,
+) -> dict[str, dict]:
+    """The ``tl.constexpr`` arguments of each backward kernel (``preprocess``, ``dkdv``, ``dq``) for
+    tensors of ``dtype`` (default: the plan's) and a mask tensor of ``mask_kind`` (default: the
+    plan's); the launcher and the ahead-of-time compiler both take them from here."""
+    dtype = dtype or plan.dtype
+    mask_kind = plan.mask_kind if mask_kind is None else mask_kind
+    fwd = plan.block_table()
+    tr = _tables(plan, torch.device("cpu")).transposed
+    common = dict(
+        H=plan.num_heads,
+        H_KV=plan.num_kv_heads,
+        GROUP=plan.gqa_group,
+        Q_LEN=plan.q_len,
+        KV_LEN=plan.kv_len,
+        Q_OFFSET=plan.q_offset,
+        NUM_Q_BLOCKS=fwd.num_q_blocks,
+        NUM_KV_BLOCKS=fwd.num_kv_blocks,
+        HEAD_DIM=plan.head_dim,
+        HEAD_DIM_V=plan.head_dim_v,
+        BLOCK_D=next_pow2(plan.head_dim, 16),
+        BLOCK_DV=next_pow2(plan.head_dim_v, 16),
+        BLOCK_M=plan.block_q,
+        BLOCK_N=plan.block_kv,
+        HAS_PERM=plan.permute is not None,
+        HAS_MASK_TENSOR=mask_kind is not None,
+        MASK_IS_BOOL=mask_kind == "bool",
+        EVEN_Q=plan.q_len % plan.block_q == 0,
+        EVEN_KV=plan.kv_len % plan.block_kv == 0,
+        # the interpreter's tl.dot is wrong for low-precision inputs: upcast tiles there
+        UPCAST=interpret and dtype != "float32",
+        # fp32 keeps fp32 accuracy on GPUs (no TF32); fp16/bf16 use the tensor cores as they are
+        INPUT_PRECISION="ieee" if dtype == "float32" else "tf32",
+        COUNT_VISITS=count_visits,
+    )
+    return {
+        "common": common,
+        "preprocess": dict(
+            H=plan.num_heads,
+            Q_LEN=plan.q_len,
+            HEAD_DIM_V=plan.head_dim_v,
+            BLOCK_M=plan.block_q,
+            BLOCK_DV=common["BLOCK_DV"],
+        ),
+        "dkdv": dict(common, MAX_PARTIAL=tr.kv_indices.shape[2], MAX_FULL=tr.full_indices.shape[2]),
+        "dq": dict(common, MAX_PARTIAL=fwd.kv_indices.shape[2], MAX_FULL=fwd.full_indices.shape[2]),
+    }
+
+
+def _table_args(t: BlockTable) -> tuple[torch.Tensor, ...]:
+    return t.kv_num_blocks, t.kv_indices, t.full_num_blocks, t.full_indices
+
+
+def _grad_buffers(q, k, v, grads: Grads | None) -> Grads:
+    if grads is None:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    for what, buf, ref in zip(("dq", "dk", "dv"), grads, (q, k, v)):
+        if buf.shape != ref.shape or buf.stride(-1) != 1:
+            raise ValueError(f"grads: {what} must have shape {list(ref.shape)} and a contiguous last dim")
+    return grads
+
+
+def _mask_argument(plan: AttentionPlan, mask_tensor, batch: int, placeholder) -> tuple[torch.Tensor, tuple]:
+    """The mask tensor as the kernels read it (bool as uint8, broadcast by strides), or a placeholder."""
+    if mask_tensor is None:
+        return placeholder, (0, 0, 0, 0)
+    mt = mask_tensor.expand(batch, plan.num_heads, plan.q_len, plan.kv_len)
+    if mt.dtype == torch.bool:
+        mt = mt.view(torch.uint8)
+    return mt, mt.stride()
+
+
+def attention_bwd(
+    plan: AttentionPlan,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dout,
+    mask_tensor=None,
+    *,
+    target: str,
+    grads: Grads | None = None,
+    visits: dict | None = None,
+    cache: KernelCache | None = None,
+) -> Grads:
+    """Gradients ``(dq [B, H, Sq, D], dk [B, Hkv, Skv, D], dv [B, Hkv, Skv, Dv])`` from the
+    generated kernels on ``target`` (``cuda`` or ``interpret``), in the dtypes of q, k, v.
+
+    ``out``/``lse`` are the forward's outputs (``lse`` fp32 ``[B, H, Sq]``, natural log of the
+    scaled scores' row sums). ``grads`` optionally supplies the three output buffers (the kernels
+    write every element of them). ``visits`` receives ``{"dkdv": [B, H, nq, nk], "dq": [B, H, nq,
+    nk]}`` int32 counts of visited block pairs. Inputs are those the executor table checked."""
+    module = (cache or default_cache()).module(plan, target, BACKWARD)
+    names = kernel_names(plan)
+    dev = q.device
+    tables = _tables(plan, dev)
+    bsz, h, hkv = q.shape[0], plan.num_heads, plan.num_kv_heads
+    q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
+    lse = lse.to(torch.float32).contiguous()
+    dq, dk, dv = _grad_buffers(q, k, v, grads)
+    mt, mask_strides = _mask_argument(plan, mask_tensor, bsz, tables.order)
+    fwd, tr = tables.forward, tables.transposed
+    nq, nk = fwd.num_q_blocks, fwd.num_kv_blocks
+    count = visits is not None
+    visit_dkdv = torch.zeros(bsz * h * nq * nk if count else 1, dtype=torch.int32, device=dev)
+    visit_dq = torch.zeros_like(visit_dkdv)
+    interpret = target == "interpret"
+    consts = backward_constexprs(plan, dtype_name(q.dtype), interpret=interpret, count_visits=count)
+
+    delta = torch.empty(bsz, h, plan.q_len, dtype=torch.float32, device=dev)
+    preprocess, dkdv, dq_kernel = (getattr(module, names[n]) for n in ("preprocess", "dkdv", "dq"))
+    pre_args = (out, dout, delta, *out.stride()[:3], *dout.stride()[:3])
+    preprocess[(nq, bsz * h)](*pre_args, **consts["preprocess"], **launch_options(plan, "preprocess"))
+    inputs = (q, k, v, dout, lse, delta)
+    shared = (mt, tables.order, tables.order, tables.head_to_program)
+    in_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    # dK/dV: one program per (kv block, batch x kv head), walking the transposed table
+    args = (*inputs, dk, dv, *shared, *_table_args(tr), visit_dkdv, *in_strides, *dk.stride()[:3], *dv.stride()[:3])
+    dkdv[(nk, bsz * hkv)](*args, *mask_strides, plan.scale, **consts["dkdv"], **launch_options(plan, "dkdv"))
+    # dQ: one program per (query block, batch x head), walking the forward table
+    args = (*inputs, dq, *shared, *_table_args(fwd), visit_dq, *in_strides, *dq.stride()[:3])
+    dq_kernel[(nq, bsz * h)](*args, *mask_strides, plan.scale, **consts["dq"], **launch_options(plan, "dq"))
+    if visits is not None:
+        visits["dkdv"] = visit_dkdv.view(bsz, h, nq, nk)
+        visits["dq"] = visit_dq.view(bsz, h, nq, nk)
+    return dq, dk, dv
+
+
+def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()

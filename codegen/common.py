@@ -1,0 +1,55 @@
+"""What every executor shares: the input contract of a plan, checked once per call, and tile
+arithmetic."""
+
+from __future__ import annotations
+
+import torch
+
+from attncc.ir.plan import AttentionPlan
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    """The smallest power of two >= ``n`` and >= ``minimum``."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def check_inputs(
+    plan: AttentionPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+) -> None:
+    """ValueError unless q/k/v/mask fit the plan's layout contract: q ``[B, H, Sq, D]``, k/v
+    ``[B, Hkv, Skv, D / Dv]``, all of the plan's dtype on one device; a mask tensor exactly when
+    the plan has a ``mask_kind`` (bool, or additive in a float dtype), broadcasting to
+    ``[B, H, Sq, Skv]``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"attention takes 4-D q/k/v [B, heads, seq, dim]; {name} has shape {tuple(t.shape)} "
+                f"(q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)})"
+            )
+    b = q.shape[0]
+    expect = {
+        "q": (q, (b, plan.num_heads, plan.q_len, plan.head_dim)),
+        "k": (k, (b, plan.num_kv_heads, plan.kv_len, plan.head_dim)),
+        "v": (v, (b, plan.num_kv_heads, plan.kv_len, plan.head_dim_v)),
+    }
+    for name, (t, shape) in expect.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"plan {plan.key()} expects {name} of shape {list(shape)} ({plan.num_heads} query / "
+                f"{plan.num_kv_heads} kv heads), got {list(t.shape)}"
+            )
+        if t.dtype != plan.torch_dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but the plan was built for {plan.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if (mask is None) != (plan.mask_kind is None):
+        raise ValueError(
+            f"plan mask_kind is {plan.mask_kind!r} but the mask tensor is {'missing' if mask is None else 'given'}"
+        )
+    if mask is not None:
+        if (mask.dtype == torch.bool) != (plan.mask_kind == "bool"):
+            raise ValueError(f"mask tensor dtype {mask.dtype} does not match plan mask_kind {plan.mask_kind!r}")
+        if mask.device != q.device:
+            raise ValueError(f"mask tensor is on {mask.device} but q is on {q.device}")
+        if mask.dim() > 4:
+            raise ValueError(f"mask tensor of shape {tuple(mask.shape)} does not broadcast to [B, H, Sq, Skv]")

@@ -1,0 +1,2 @@
+"""The forward kernel family: source generator (``generate``), launcher (``launch``) and the dense
+fp32 oracle beside it (``reference``)."""

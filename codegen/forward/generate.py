@@ -1,0 +1,380 @@
+"""AttentionPlan -> Triton source of a FlashAttention-2 style block-sparse forward kernel.
+
+The code depends only on the plan's mask programs and dtype (the header prints the whole
+plan); every shape, stride, block size and feature switch (permutation, model mask tensor,
+sequence padding) reaches the kernel as an argument or a ``tl.constexpr``, and
+``kernel_constexprs`` / ``kernel_signature`` are the one place the launcher and the AOT
+compiler take that specialisation from.
+"""
+
+from __future__ import annotations
+
+from attncc.codegen.common import next_pow2
+from attncc.ir.dtypes import DTYPES
+from attncc.ir.plan import AttentionPlan, ranges
+from attncc.version import __version__
+
+
+class CodegenError(ValueError):
+    """The plan asks for something the kernel generator does not emit; the message says what."""
+
+
+def kernel_name(plan: AttentionPlan) -> str:
+    """``<pattern>_fwd_kernel``: the name of the plan's generated forward kernel."""
+    return f"{plan.pattern}_fwd_kernel"
+
+
+def check_supported(plan: AttentionPlan) -> None:
+    """Raise ``CodegenError`` for plans the generator cannot emit a kernel for."""
+    for i, prog in enumerate(plan.programs):
+        if prog.is_dynamic:
+            raise CodegenError(
+                f"mask program {i} ({prog}) selects blocks from the data at run time; "
+                "the forward generator emits static masks only (use executor='reference')"
+            )
+    if DTYPES[plan.dtype].triton is None:
+        triton_dtypes = [d.name for d in DTYPES.values() if d.triton]
+        raise CodegenError(f"plan dtype {plan.dtype} has no Triton kernel; expected one of {', '.join(triton_dtypes)}")
+    for what, d in (("head_dim", plan.head_dim), ("head_dim_v", plan.head_dim_v)):
+        if not 1 <= d <= 256:
+            raise CodegenError(f"{what} {d} is outside the supported range 1-256")
+    for what, b in (("block_q", plan.block_q), ("block_kv", plan.block_kv)):
+        if b < 16 or b & (b - 1):
+            raise CodegenError(f"{what} {b} must be a power of two >= 16 (tl.dot tiles)")
+    if plan.runtime_key_order and plan.permute is not None:
+        raise CodegenError("a run-time key order cannot be combined with a static permutation")
+
+
+def kernel_constexprs(plan: AttentionPlan, *, count_visits: bool = False, dot_fp32: bool = False) -> dict:
+    """The ``tl.constexpr`` arguments of the plan's forward kernel."""
+    return {
+        "H": plan.num_heads,
+        "GROUP": plan.gqa_group,
+        "HEAD_DIM": plan.head_dim,
+        "HEAD_DIM_V": plan.head_dim_v,
+        "BLOCK_D": max(16, next_pow2(plan.head_dim)),
+        "BLOCK_DV": max(16, next_pow2(plan.head_dim_v)),
+        "BLOCK_M": plan.block_q,
+        "BLOCK_N": plan.block_kv,
+        "HAS_PERM": plan.permute is not None,
+        "HAS_MASK_TENSOR": plan.mask_kind is not None,
+        "MASK_ADDITIVE": plan.mask_kind == "additive",
+        "EVEN_Q": plan.q_len % plan.block_q == 0,
+        "EVEN_KV": plan.kv_len % plan.block_kv == 0,
+        "EVEN_D": plan.head_dim == max(16, next_pow2(plan.head_dim)),
+        "EVEN_DV": plan.head_dim_v == max(16, next_pow2(plan.head_dim_v)),
+        "COUNT_VISITS": count_visits,
+        "DOT_FP32": dot_fp32,
+    }
+
+
+def launch_options(plan: AttentionPlan) -> dict[str, int]:
+    """``num_warps`` / ``num_stages`` of the forward kernel (the launcher and the AOT compiles agree)."""
+    return {"num_warps": 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4, "num_stages": 2}
+
+
+def kernel_signature(plan: AttentionPlan) -> dict[str, str]:
+    """Triton types of the kernel's run-time arguments, in order (for ahead-of-time compiles)."""
+    elem = DTYPES[plan.dtype].triton
+    sig = {
+        "Q": f"*{elem}",
+        "K": f"*{elem}",
+        "V": f"*{elem}",
+        "Out": f"*{elem}",
+        "Lse": "*fp32",
+        "MaskTensor": "*i8" if plan.mask_kind != "additive" else f"*{elem}",
+        "Order": "*i64",
+    }
+    if plan.runtime_key_order:
+        sig["KvOrder"] = "*i64"
+    if len(plan.programs) > 1:
+        sig["HeadToProgram"] = "*i32"
+    sig.update(
+        {"KvNumBlocks": "*i32", "KvIndices": "*i32", "FullNumBlocks": "*i32", "FullIndices": "*i32", "Visits": "*i32"}
+    )
+    for t in "qkvom":
+        for dim in "bhsd" if t != "m" else "bhqk":
+            sig[f"stride_{t}{dim}"] = "i32"
+    sig.update(
+        {
+            "qk_scale": "fp32",
+            "Q_LEN": "i32",
+            "KV_LEN": "i32",
+            "Q_OFFSET": "i32",
+            "NUM_Q_BLOCKS": "i32",
+            "MAX_PARTIAL": "i32",
+            "MAX_FULL": "i32",
+        }
+    )
+    return sig
+
+
+def emit_mask_predicate(plan: AttentionPlan) -> str:
+    """Source of the ``@triton.jit`` helper ``_mask(q_pos, kv_pos, off_h, KV_LEN, PROGRAM)``
+    (plus the helpers its predicates call, such as ``random_blocks``' hash): True where query position
+    ``q_pos [BM, 1]`` may attend key position ``kv_pos [1, BN]`` (model order, int64) under
+    mask program ``PROGRAM`` (a run-time int32 scalar; ignored when the plan has one program).
+    Backward kernels reuse it unchanged."""
+    check_supported(plan)
+    # helpers the predicates call (random_blocks' hash), each emitted once
+    helpers = dict.fromkeys(h for p in plan.programs for m in p.walk() for h in m.triton_helpers())
+    out = [h.strip("\n") + "\n\n\n" for h in helpers]
+    doc = [f"program {i} (heads {ranges(plan.heads_of(i))}): {p}" for i, p in enumerate(plan.programs)]
+    lines = [
+        "@triton.jit",
+        "def _mask(q_pos, kv_pos, off_h, KV_LEN, PROGRAM):",
+        '    """True where q_pos [BM, 1] may attend kv_pos [1, BN] (model positions).',
+        "",
+    ]
+    lines += [f"    {d}" for d in doc]
+    lines.append('    """')
+    if len(plan.programs) == 1:
+        lines.append(f"    return {plan.programs[0].triton()}")
+    else:
+        for i, p in enumerate(plan.programs):
+            lines.append(f"    allowed_{i} = {p.triton()}")
+        last = len(plan.programs) - 1
+        expr = f"allowed_{last}"
+        for i in reversed(range(last)):
+            expr = f"tl.where(PROGRAM == {i}, allowed_{i}, {expr})"
+        lines.append(f"    return {expr}")
+    out.append("\n".join(lines) + "\n")
+    return "".join(out)
+
+
+_HEADER = '''\
+"""{name}: block-sparse attention forward generated by attncc {version}.
+
+{plan}
+
+Layout: q [B, H, Sq, D], k/v [B, Hkv, Skv, D/Dv], out [B, H, Sq, Dv], lse [B, H, Sq] fp32, all
+in the model's token order. Grid: (query blocks, B * H). Each program walks its block-table
+row: full kv blocks first (mask predicate skipped), then partial ones (predicate evaluated).
+Empty blocks are never loaded. Rows with no allowed key store zeros and lse = -inf.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# Row reductions go through tl.reduce with Triton's standard combine functions: the same code
+# tl.max / tl.sum compile to, and the Triton interpreter runs them (fast) even when it was
+# switched on after triton was imported.
+_max_combine = tl.standard._elementwise_max
+_sum_combine = tl.standard._sum_combine
+
+
+'''
+
+_LOAD_2D = '''\
+@triton.jit
+def _load_2d(ptrs, valid_0, valid_1, EVEN_0: tl.constexpr, EVEN_1: tl.constexpr):
+    """Load a [N0, N1] tile, masking only the dimensions that are not block multiples."""
+    if EVEN_0 and EVEN_1:
+        x = tl.load(ptrs)
+    elif EVEN_0:
+        x = tl.load(ptrs, mask=valid_1[None, :], other=0.0)
+    elif EVEN_1:
+        x = tl.load(ptrs, mask=valid_0[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=valid_0[:, None] & valid_1[None, :], other=0.0)
+    return x
+
+
+'''
+
+_VISIT = '''\
+@triton.jit
+def _visit_kv_block(
+    acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
+    K, V, MaskTensor, Order,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    qk_scale, KV_LEN,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_PARTIAL: tl.constexpr, HAS_PERM: tl.constexpr,
+    HAS_MASK_TENSOR: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
+    EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One online-softmax step over kv block ``kv_block`` (kernel order); scores in log2 units."""
+    offs_n = kv_block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] kernel slots
+    kv_valid = offs_n < KV_LEN  # [BN]
+    if HAS_PERM:
+        # gather: kernel slot -> model position
+        kv_idx = tl.load(Order + offs_n, mask=kv_valid, other=0)  # [BN] int64
+    else:
+        kv_idx = offs_n
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ptrs = K + off_b * stride_kb + off_hkv * stride_kh + kv_idx[None, :] * stride_ks + offs_d[:, None] * stride_kd
+    k_t = _load_2d(k_ptrs, offs_d < HEAD_DIM, kv_valid, EVEN_D, EVEN_KV)  # [BD, BN]
+    v_ptrs = V + off_b * stride_vb + off_hkv * stride_vh + kv_idx[:, None] * stride_vs + offs_dv[None, :] * stride_vd
+    v = _load_2d(v_ptrs, kv_valid, offs_dv < HEAD_DIM_V, EVEN_KV, EVEN_DV)  # [BN, BDV]
+    if DOT_FP32:
+        # the interpreter's low-precision tl.dot is inexact: upcast the operands
+        k_t = k_t.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, k_t{dot_kwargs}) * qk_scale  # [BM, BN]
+    if HAS_MASK_TENSOR:
+        m_ptrs = MaskTensor + off_b * stride_mb + off_h * stride_mh + q_idx[:, None] * stride_mq \\
+            + kv_idx[None, :] * stride_mk
+        model_mask = tl.load(m_ptrs, mask=q_valid[:, None] & kv_valid[None, :], other=0)  # [BM, BN]
+        if MASK_ADDITIVE:
+            s += model_mask.to(tl.float32) * LOG2E
+        else:
+            s = tl.where(model_mask != 0, s, float("-inf"))
+    if IS_PARTIAL:
+        allowed = _mask(q_pos, kv_idx[None, :], off_h, KV_LEN, program)  # [BM, BN]
+        if not EVEN_KV:
+            allowed = allowed & kv_valid[None, :]
+        s = tl.where(allowed, s, float("-inf"))
+    elif not EVEN_KV:
+        s = tl.where(kv_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))  # [BM]
+    # a row with nothing allowed yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BM]
+    p = tl.math.exp2(s - m_shift[:, None])  # [BM, BN]
+    alpha = tl.math.exp2(m_i - m_shift)  # [BM]
+    l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v{dot_kwargs})  # [BM, BDV]
+    return acc, l_i, m_new
+
+
+'''
+
+_KERNEL = """\
+@triton.jit
+def {name}(
+    Q, K, V, Out, Lse, MaskTensor, Order,{kv_order_arg}{head_to_program}
+    KvNumBlocks, KvIndices, FullNumBlocks, FullIndices, Visits,
+    stride_qb, stride_qh, stride_qs, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_ob, stride_oh, stride_os, stride_od,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    qk_scale, Q_LEN, KV_LEN, Q_OFFSET, NUM_Q_BLOCKS, MAX_PARTIAL, MAX_FULL,
+    H: tl.constexpr, GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_MASK_TENSOR: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
+    EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    COUNT_VISITS: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    tl.static_assert(BLOCK_D >= HEAD_DIM)
+    tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
+    tl.static_assert(BLOCK_M >= 16)
+    tl.static_assert(BLOCK_N >= 16)
+    tl.static_assert(H % GROUP == 0)
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // H).to(tl.int64)
+    off_h = (pid_bh % H).to(tl.int64)
+    # GQA: query heads h*GROUP .. h*GROUP+GROUP-1 share kv head h
+    off_hkv = off_h // GROUP
+{kv_order}{program}
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] kernel slots
+    q_valid = offs_m < Q_LEN  # [BM]
+    if HAS_PERM:
+        # gather: kernel slot -> model row
+        q_idx = tl.load(Order + offs_m, mask=q_valid, other=0)  # [BM] int64
+    else:
+        q_idx = offs_m.to(tl.int64)
+    q_pos = (q_idx + Q_OFFSET)[:, None]  # [BM, 1] model positions
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + q_idx[:, None] * stride_qs + offs_d[None, :] * stride_qd
+    q = _load_2d(q_ptrs, q_valid, offs_d < HEAD_DIM, EVEN_Q, EVEN_D)  # [BM, BD]
+    if DOT_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BM] running max, log2 units
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # [BM] running sum of exp2
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)  # [BM, BDV]
+    num_visited = 0
+    table_row = program * NUM_Q_BLOCKS + pid_m
+
+    # full kv blocks: every pair is allowed, the mask predicate is skipped
+    num_full = tl.load(FullNumBlocks + table_row)
+    for i in range(0, num_full):
+        kv_block = tl.load(FullIndices + table_row * MAX_FULL + i)
+        acc, l_i, m_i = _visit_kv_block(
+            acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
+            K, V, MaskTensor, {kv_gather},
+            stride_kb, stride_kh, stride_ks, stride_kd,
+            stride_vb, stride_vh, stride_vs, stride_vd,
+            stride_mb, stride_mh, stride_mq, stride_mk,
+            qk_scale, KV_LEN,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, {kv_perm},
+            HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
+        )
+        if COUNT_VISITS:
+            num_visited += 1
+
+    # partial kv blocks: the mask predicate decides pair by pair
+    num_partial = tl.load(KvNumBlocks + table_row)
+    for i in range(0, num_partial):
+        kv_block = tl.load(KvIndices + table_row * MAX_PARTIAL + i)
+        acc, l_i, m_i = _visit_kv_block(
+            acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
+            K, V, MaskTensor, {kv_gather},
+            stride_kb, stride_kh, stride_ks, stride_kd,
+            stride_vb, stride_vh, stride_vs, stride_vd,
+            stride_mb, stride_mh, stride_mq, stride_mk,
+            qk_scale, KV_LEN,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, {kv_perm},
+            HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
+        )
+        if COUNT_VISITS:
+            num_visited += 1
+
+    if COUNT_VISITS:
+        tl.store(Visits + pid_bh * NUM_Q_BLOCKS + pid_m, num_visited)
+    # rows with no allowed key: l = 0 -> output 0, lse = -inf
+    empty_row = l_i == 0.0  # [BM]
+    l_safe = tl.where(empty_row, 1.0, l_i)
+    out = acc / l_safe[:, None]  # [BM, BDV]
+    lse = tl.where(empty_row, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)  # [BM] natural log
+    # scatter: rows go back to model order
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + q_idx[:, None] * stride_os + offs_dv[None, :] * stride_od
+    if EVEN_Q and EVEN_DV:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    else:
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(Lse + pid_bh.to(tl.int64) * Q_LEN + q_idx, lse, mask=q_valid)
+"""
+
+_KV_ORDER = (
+    "    # run-time key order of this (batch, kv head), [Skv] int64: kernel slot -> model key position.\n"
+    "    # k/v blocks are gathered through it (the model mask and the predicate see model positions);\n"
+    "    # queries stay in model order, so nothing is scattered back\n"
+    "    kv_order = KvOrder + (off_b * (H // GROUP) + off_hkv) * KV_LEN\n"
+)
+_ONE_PROGRAM = "    program = 0\n"
+_MANY_PROGRAMS = (
+    "    # head policy: this head's mask program selects its predicate and block-table rows\n"
+    "    program = tl.load(HeadToProgram + off_h)\n"
+)
+
+
+def generate_forward(plan: AttentionPlan) -> str:
+    """Complete module source for the plan's forward kernel ``kernel_name(plan)``."""
+    check_supported(plan)
+    name = kernel_name(plan)
+    # fp32 plans keep fp32 accuracy on GPUs too (no TF32)
+    dot_kwargs = ', input_precision="ieee"' if plan.dtype == "float32" else ""
+    many = len(plan.programs) > 1
+    header = _HEADER.format(name=name, version=__version__, plan=plan.describe())
+    kv = plan.runtime_key_order
+    kernel = _KERNEL.format(
+        name=name,
+        kv_order_arg=" KvOrder," if kv else "",
+        head_to_program=" HeadToProgram," if many else "",
+        kv_order=_KV_ORDER if kv else "",
+        program=_MANY_PROGRAMS if many else _ONE_PROGRAM,
+        # a run-time key order gathers k/v through its row (static permutations are excluded)
+        kv_gather="kv_order" if kv else "Order",
+        kv_perm="True" if kv else "HAS_PERM",
+    )
+    return header + emit_mask_predicate(plan) + "\n\n" + _LOAD_2D + _VISIT.format(dot_kwargs=dot_kwargs) + kernel

@@ -1,0 +1,145 @@
+"""Launch a plan's generated forward kernel: ``triton`` on CUDA tensors, ``interpret`` on CPU."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from attncc.codegen.cache import KernelCache, default_cache
+from attncc.codegen.forward.generate import kernel_constexprs, launch_options
+from attncc.ir.blocks import BlockTable
+from attncc.ir.plan import AttentionPlan
+
+_device_data: dict[tuple[AttentionPlan, str], tuple[BlockTable, torch.Tensor, torch.Tensor | None]] = {}
+
+
+def device_data(plan: AttentionPlan, device: torch.device) -> tuple[BlockTable, torch.Tensor, torch.Tensor | None]:
+    """(block table, head -> program int32, permutation int64) on ``device``, built once per plan."""
+    key = (plan, str(device))
+    hit = _device_data.get(key)
+    if hit is None:
+        table = plan.block_table(device)
+        head_to_program = torch.tensor(plan.head_to_program, dtype=torch.int32, device=device)
+        order = plan.order(device)
+        hit = (table, head_to_program, None if order is None else order.to(torch.int64).contiguous())
+        if len(_device_data) > 256:
+            _device_data.clear()
+        _device_data[key] = hit
+    return hit
+
+
+def attention_fwd(
+    plan: AttentionPlan,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask_tensor: torch.Tensor | None = None,
+    *,
+    target: str | None = None,
+    cache: KernelCache | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    visits: torch.Tensor | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    block_table: BlockTable | None = None,
+    kv_order: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the plan's generated kernel: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``.
+
+    ``target`` is ``cuda`` (default for CUDA tensors) or ``interpret`` (CPU tensors, Triton
+    interpreter). ``out``/``lse`` may be given (tests pre-fill them with NaN); ``visits``, an
+    int32 ``[B * H, num_q_blocks]`` tensor, receives the number of kv blocks each program visited.
+    ``block_table`` (one row per mask program, on q's device) replaces ``plan.block_table()``:
+    tables built at run time (data-dependent selection, :mod:`attncc.codegen.selectors`).
+    ``kv_order``, int64 ``[B, Hkv, Skv]`` (kernel slot -> model key position), is required by and
+    only accepted for a plan with ``runtime_key_order``; that plan's block table (over slot blocks)
+    must be given too. The model's mask tensor stays in model order. The inputs are those
+    :func:`attncc.codegen.common.check_inputs` accepts (the executor table checks them).
+    """
+    if (kv_order is None) == plan.runtime_key_order:
+        raise ValueError(
+            f"plan runtime_key_order is {plan.runtime_key_order} but kv_order is "
+            f"{'missing' if kv_order is None else 'given'}"
+        )
+    if kv_order is not None:
+        want = (q.shape[0], plan.num_kv_heads, plan.kv_len)
+        if tuple(kv_order.shape) != want or kv_order.dtype != torch.int64 or kv_order.device != q.device:
+            raise ValueError(
+                f"kv_order is {kv_order.dtype} {tuple(kv_order.shape)} on {kv_order.device}; "
+                f"expected int64 {want} on {q.device}"
+            )
+        if block_table is None:
+            raise ValueError("a plan with a run-time key order needs block_table (over kernel slot blocks)")
+        kv_order = kv_order.contiguous()
+    target = target or ("cuda" if q.device.type == "cuda" else "interpret")
+    if target == "cuda" and q.device.type != "cuda":
+        raise ValueError(f"executor 'triton' needs CUDA tensors, got {q.device}; use 'interpret' or 'torch' on CPU")
+    if target == "interpret" and q.device.type != "cpu":
+        raise ValueError(f"executor 'interpret' runs on CPU tensors, got {q.device}")
+    kernel = (cache or default_cache()).kernel(plan, target)
+    dev = q.device
+    if block_table is None:
+        table, head_to_program, order = device_data(plan, dev)
+    else:
+        table = block_table
+        head_to_program = torch.tensor(plan.head_to_program, dtype=torch.int32, device=dev)
+        order = plan.order(dev)
+    b, h = q.shape[0], plan.num_heads
+    if out is None:
+        out = torch.empty(b, h, plan.q_len, plan.head_dim_v, dtype=q.dtype, device=dev)
+    if lse is None:
+        lse = torch.empty(b, h, plan.q_len, dtype=torch.float32, device=dev)
+    if tuple(lse.shape) != (b, h, plan.q_len) or not lse.is_contiguous() or lse.dtype != torch.float32:
+        raise ValueError("lse must be a contiguous fp32 [B, H, Sq] tensor")
+    placeholder = torch.zeros(1, dtype=torch.int8, device=dev)
+    if mask_tensor is not None:
+        mask = torch.broadcast_to(mask_tensor, (b, h, plan.q_len, plan.kv_len))
+        if mask.dtype == torch.bool:
+            mask = mask.view(torch.int8)
+        mask_strides = mask.stride()
+    else:
+        mask, mask_strides = placeholder, (0, 0, 0, 0)
+    if visits is not None and (tuple(visits.shape) != (b * h, table.num_q_blocks) or visits.dtype != torch.int32):
+        raise ValueError(f"visits must be int32 [{b * h}, {table.num_q_blocks}]")
+    args: dict[str, object] = {
+        "Q": q,
+        "K": k,
+        "V": v,
+        "Out": out,
+        "Lse": lse,
+        "MaskTensor": mask,
+        "Order": order if order is not None else placeholder.to(torch.int64),
+        "KvOrder": kv_order,
+        "HeadToProgram": head_to_program,
+        "KvNumBlocks": table.kv_num_blocks.contiguous(),
+        "KvIndices": table.kv_indices.contiguous(),
+        "FullNumBlocks": table.full_num_blocks.contiguous(),
+        "FullIndices": table.full_indices.contiguous(),
+        "Visits": visits if visits is not None else placeholder.to(torch.int32),
+    }
+    for t, x, dims in (("q", q, "bhsd"), ("k", k, "bhsd"), ("v", v, "bhsd"), ("o", out, "bhsd")):
+        for dim, s in zip(dims, x.stride()):
+            args[f"stride_{t}{dim}"] = s
+    for dim, s in zip("bhqk", mask_strides):
+        args[f"stride_m{dim}"] = s
+    args.update(
+        {
+            "qk_scale": plan.scale * math.log2(math.e),
+            "Q_LEN": plan.q_len,
+            "KV_LEN": plan.kv_len,
+            "Q_OFFSET": plan.q_offset,
+            "NUM_Q_BLOCKS": table.num_q_blocks,
+            "MAX_PARTIAL": table.kv_indices.shape[-1],
+            "MAX_FULL": table.full_indices.shape[-1],
+        }
+    )
+    args.update(kernel_constexprs(plan, count_visits=visits is not None, dot_fp32=target == "interpret"))
+    args = {name: args[name] for name in kernel.arg_names}
+    options = launch_options(plan)
+    num_warps = options["num_warps"] if num_warps is None else num_warps
+    num_stages = options["num_stages"] if num_stages is None else num_stages
+    grid = (table.num_q_blocks, b * h)
+    kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
+    return out, lse
