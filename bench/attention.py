@@ -18,8 +18,6 @@ import datetime
 import json
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from attncc.ir import masks as M
 from attncc.ir.permute import TilePermutation
 from attncc.ir.plan import AttentionPlan
+from bench.machine import machine_name as bench_machine
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -85,19 +84,15 @@ def cases(heads: int) -> list[Case]:
 
 
 def make_plan(case: Case, seq: int, heads: int, kv_heads: int, dim: int, dtype: str, block: int) -> AttentionPlan:
-    return AttentionPlan(
-        programs=case.programs,
+    return AttentionPlan.of(
+        *case.programs,
         head_to_program=case.head_to_program,
         num_heads=heads,
         num_kv_heads=kv_heads,
         q_len=seq,
-        kv_len=seq,
         head_dim=dim,
-        head_dim_v=dim,
         dtype=dtype,
-        scale=dim**-0.5,
-        block_q=block,
-        block_kv=block,
+        block=block,
         permute=case.permute,
         rule=case.name,
     )
@@ -193,19 +188,8 @@ def interleaved(
 
 
 def machine_name() -> str:
-    if torch.cuda.is_available():
-        dev = torch.cuda.get_device_name()
-    else:
-        dev = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    dev = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        dev = f"{dev} x{torch.get_num_threads()}"
-    return re.sub(r"[^A-Za-z0-9]+", "-", f"{platform.system()}-{dev}").strip("-").lower()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return bench_machine(gpu, torch.get_num_threads())
 
 
 # -- the matrix --------------------------------------------------------------------------------

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
-import re
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench.machine import machine_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,18 +39,6 @@ MASKS: dict[str, object] = {
 #: 3D video grid of 32768 tokens: 8 frames of 64 x 64, a 3 x 9 x 9 neighbourhood, 2 x 4 x 8 tiles
 TILE3D = {"tile3d": {"grid": [8, 64, 64], "window": [1, 4, 4]}}
 TILE3D_PERMUTE = {"grid": [8, 64, 64], "tile": [2, 4, 8]}
-
-
-def machine_name() -> str:
-    dev = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                dev = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return re.sub(r"[^A-Za-z0-9]+", "-", f"{platform.system()}-{dev}-x1").strip("-").lower()
 
 
 def measure(name: str, what: str, tokens: int, block: int) -> dict:
@@ -145,9 +133,9 @@ def main() -> None:
         )
     if args.json is not None:
         date = datetime.date.today().isoformat()
-        path = Path(args.json) if args.json else RESULTS / f"blocks-{machine_name()}-{date}.json"
+        path = Path(args.json) if args.json else RESULTS / f"blocks-{machine_name(threads=1)}-{date}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"machine": machine_name(), "date": date, "block": args.block, "results": results}
+        doc = {"machine": machine_name(threads=1), "date": date, "block": args.block, "results": results}
         path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {path}")
 

@@ -76,7 +76,7 @@ def main(argv=None):
         )
         SL.layout(plan)
         target = None if args.backend == "torch" else args.backend
-        est_t = _time(lambda p=plan: S.select_blocks(p, q, k, target), args.reps)
+        est_t = _time(lambda p=plan, t=target: S.select_blocks(p, q, k, t), args.reps)
         selected = S.select_blocks(plan, q, k, target)
         cand = SL.layout(plan).candidates[0].to(dev)
         density = float(selected.sum() / (cand.sum() * args.heads))

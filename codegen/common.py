@@ -53,3 +53,16 @@ def check_inputs(
             raise ValueError(f"mask tensor is on {mask.device} but q is on {q.device}")
         if mask.dim() > 4:
             raise ValueError(f"mask tensor of shape {tuple(mask.shape)} does not broadcast to [B, H, Sq, Skv]")
+
+
+def mask_argument(
+    mask: torch.Tensor | None, shape: tuple[int, int, int, int], placeholder: torch.Tensor, bool_as: torch.dtype
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """The model's mask tensor as a kernel reads it: broadcast to ``shape`` ``[B, H, Sq, Skv]`` by
+    strides (no copy), bool viewed as ``bool_as``; without a mask, ``placeholder`` and zero strides."""
+    if mask is None:
+        return placeholder, (0, 0, 0, 0)
+    m = torch.broadcast_to(mask, shape)
+    if m.dtype == torch.bool:
+        m = m.view(bool_as)
+    return m, m.stride()

@@ -63,25 +63,17 @@ def _reference_backward(plan, q, k, v, out, lse, dout, mask):
     return attention_backward_reference(plan, q, k, v, dout, None, mask)
 
 
+def _kernels(name: str, device: str, target: str, description: str) -> Executor:
+    """An executor of the generated Triton kernels for ``target``."""
+    fwd, bwd = functools.partial(attention_fwd, target=target), functools.partial(attention_bwd, target=target)
+    return Executor(name, device, target, fwd, bwd, description)
+
+
 EXECUTORS: dict[str, Executor] = {
     e.name: e
     for e in (
-        Executor(
-            "triton",
-            "cuda",
-            "cuda",
-            functools.partial(attention_fwd, target="cuda"),
-            functools.partial(attention_bwd, target="cuda"),
-            "the generated Triton kernels, compiled for the GPU",
-        ),
-        Executor(
-            "interpret",
-            "cpu",
-            "interpret",
-            functools.partial(attention_fwd, target="interpret"),
-            functools.partial(attention_bwd, target="interpret"),
-            "the generated Triton kernels under the Triton interpreter",
-        ),
+        _kernels("triton", "cuda", "cuda", "the generated Triton kernels, compiled for the GPU"),
+        _kernels("interpret", "cpu", "interpret", "the generated Triton kernels under the Triton interpreter"),
         Executor(
             "torch",
             "cpu",
@@ -90,14 +82,7 @@ EXECUTORS: dict[str, Executor] = {
             attention_torch_backward,
             "the block-sparse CPU path over ATen's fused attention",
         ),
-        Executor(
-            "reference",
-            None,
-            None,
-            attention_reference,
-            _reference_backward,
-            "the exact dense attention (the oracle)",
-        ),
+        Executor("reference", None, None, attention_reference, _reference_backward, "the exact dense attention"),
     )
 }
 #: what ``auto`` means on each device type (anything else: ``reference``)

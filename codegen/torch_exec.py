@@ -603,15 +603,22 @@ def _direct(unit: _Unit, num_heads: int, batch: int) -> int | None:
     return h0 if batch == 1 or n == num_heads else None
 
 
-def _forward(plan, q, k, v, mask_tensor):
-    """``(out [B, H, nqb*bq, width], lse [B, H, nqb*bq] fp32)`` in kernel order, compute dtype,
-    padded past ``Sq`` (and past ``Dv`` up to ``width``)."""
+def _in_kernel_order(plan, q, k, v, mask_tensor):
+    """(the prepared plan, compute dtype, padded head width, (q, k, v) in kernel order and that
+    dtype and width)."""
     dtype = _compute_dtype(q.dtype)
     prep = prepare(plan, q.device, mask_tensor is not None)
     width = max(plan.head_dim, plan.head_dim_v)
     qk = _to_kernel_order(q, prep.q_order, dtype, width)
     kk = _to_kernel_order(k, prep.kv_order, dtype, width)
     vk = _to_kernel_order(v, prep.kv_order, dtype, width)
+    return prep, dtype, width, (qk, kk, vk)
+
+
+def _forward(plan, q, k, v, mask_tensor):
+    """``(out [B, H, nqb*bq, width], lse [B, H, nqb*bq] fp32)`` in kernel order, compute dtype,
+    padded past ``Sq`` (and past ``Dv`` up to ``width``)."""
+    prep, dtype, width, (qk, kk, vk) = _in_kernel_order(plan, q, k, v, mask_tensor)
     b, h, sq, _ = q.shape
     nqb, bq = prep.num_q_blocks, prep.block_q
     shape = (b, h, sq, plan.kv_len)
@@ -692,12 +699,7 @@ def attention_torch_backward(plan, q, k, v, out, lse, dout, mask_tensor=None):
     """Gradients ``(dq, dk, dv)`` of :func:`attention_torch_forward` given its ``out`` and ``lse``
     (``lse`` itself is treated as non-differentiable). Walks the forward's groups with the
     fused CPU backward kernel: each group contributes with the *final* row statistics."""
-    dtype = _compute_dtype(q.dtype)
-    prep = prepare(plan, q.device, mask_tensor is not None)
-    width = max(plan.head_dim, plan.head_dim_v)
-    qk = _to_kernel_order(q, prep.q_order, dtype, width)
-    kk = _to_kernel_order(k, prep.kv_order, dtype, width)
-    vk = _to_kernel_order(v, prep.kv_order, dtype, width)
+    prep, dtype, width, (qk, kk, vk) = _in_kernel_order(plan, q, k, v, mask_tensor)
     ok = _to_kernel_order(out, prep.q_order, dtype, width)
     dok = _to_kernel_order(dout, prep.q_order, dtype, width)
     lk = lse.float() if prep.q_order is None else lse.float().index_select(2, prep.q_order.to(lse.device))

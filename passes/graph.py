@@ -30,6 +30,12 @@ def maybe_tensor(node: object) -> torch.Tensor | None:
     return v if isinstance(v, torch.Tensor) else None
 
 
+def commit(gm: fx.GraphModule) -> None:
+    """Verify a changed graph and regenerate its code."""
+    gm.graph.lint()
+    gm.recompile()
+
+
 def arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
     """Positional-or-keyword argument ``name`` at ``index``."""
     if len(node.args) > index:

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from attncc.passes.graph import arg, val
+from attncc.passes.graph import arg, commit, val
 from attncc.passes.spelling import kind
 
 
@@ -47,8 +47,7 @@ def normalize(gm: fx.GraphModule) -> NormalizeResult:
             gm.graph.erase_node(node)
             removed += 1
     if removed:
-        gm.graph.lint()
-        gm.recompile()
+        commit(gm)
     return NormalizeResult(removed)
 
 

@@ -15,7 +15,7 @@ import attncc.runtime.ops  # noqa: F401  (registers torch.ops.attncc.attention)
 from attncc.ir.plan import AttentionPlan
 from attncc.passes.bind import BoundSite
 from attncc.passes.detect import AttentionSite, MaskTerm, Operand
-from attncc.passes.graph import tensor_val, val
+from attncc.passes.graph import commit, tensor_val, val
 from attncc.runtime import registry
 
 
@@ -216,8 +216,7 @@ def rewrite(gm: fx.GraphModule, bound: list[BoundSite], executor: str) -> Rewrit
     """Replace every bound site; returns the rewritten ones."""
     done = [rewrite_site(gm, b, executor) for b in bound]
     if done:
-        gm.graph.lint()
-        gm.recompile()
+        commit(gm)
     return RewriteResult(done)
 
 

@@ -27,6 +27,7 @@ from torch import fx
 
 import attncc.runtime.selection_ops  # noqa: F401  (registers the op variants)
 from attncc.ir.selection import selectors_of
+from attncc.passes.graph import commit
 from attncc.passes.rewrite import RewrittenSite
 from attncc.runtime import registry
 from attncc.runtime.selection_cache import SelectionCache, default_selection_cache
@@ -204,8 +205,7 @@ def thread_selections(
             threader.reuse_across_calls(site, rule.reuse.dense_first or 0, rule.reuse.refresh_every or 0)
     result = threader.result
     if result.links or result.cached or result.permuted:
-        graph.lint()
-        gm.recompile()
+        commit(gm)
     return result
 
 

@@ -13,39 +13,10 @@ OUT_ATOL = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2, "float64": 1e-
 LSE_ATOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-3, "float64": 1e-6}
 
 
-def make_plan(
-    *programs: M.Mask,
-    heads: int = 2,
-    kv_heads: int | None = None,
-    q_len: int = 64,
-    kv_len: int | None = None,
-    head_dim: int = 32,
-    head_dim_v: int | None = None,
-    dtype: str = "float32",
-    block: int = 16,
-    block_kv: int | None = None,
-    head_to_program: tuple[int, ...] | None = None,
-    **kw,
-) -> AttentionPlan:
-    """A plan of ``programs`` (default ``full``); head ``h`` takes program ``min(h, last)`` unless
-    ``head_to_program`` says otherwise. ``kw``: the other plan fields (permute, mask_kind, ...)."""
-    programs = programs or (M.Full(),)
-    if head_to_program is None:
-        head_to_program = tuple(min(h, len(programs) - 1) for h in range(heads))
-    return AttentionPlan(
-        programs=tuple(programs),
-        head_to_program=tuple(head_to_program),
-        num_heads=heads,
-        num_kv_heads=kv_heads or heads,
-        q_len=q_len,
-        kv_len=q_len if kv_len is None else kv_len,
-        head_dim=head_dim,
-        head_dim_v=head_dim if head_dim_v is None else head_dim_v,
-        dtype=dtype,
-        scale=head_dim**-0.5,
-        block_q=block,
-        block_kv=block_kv or block,
-        **kw,
+def make_plan(*programs: M.Mask, heads: int = 2, kv_heads: int | None = None, q_len: int = 64, **kw) -> AttentionPlan:
+    """A test plan (:meth:`AttentionPlan.of`): 2 heads, 64 tokens, head dim 32, 16-token blocks."""
+    return AttentionPlan.of(
+        *programs, num_heads=heads, num_kv_heads=kv_heads, q_len=q_len, **{"head_dim": 32, "block": 16, **kw}
     )
 
 
@@ -76,3 +47,47 @@ def nonempty_blocks(plan: AttentionPlan) -> torch.Tensor:
     pad = torch.zeros(plan.num_heads, nq * plan.block_q, nk * plan.block_kv, dtype=torch.bool)
     pad[:, : plan.q_len, : plan.kv_len] = dense
     return pad.view(plan.num_heads, nq, plan.block_q, nk, plan.block_kv).any(4).any(2).int()
+
+
+def tiny_llama(layers: int = 2, impl: str = "sdpa", train: bool = False, **config):
+    """A Hugging Face Llama with random weights (seed 0): 4 heads on 2 kv heads, head dim 16."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        **{
+            "vocab_size": 64,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            **config,
+        }
+    )
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    return model.train() if train else model.eval()
+
+
+def rule_plan(spec, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+    """The plan a spec's rule gives a causal self-attention with these tensors (for reference
+    attention functions that apply a rule's mask themselves)."""
+    from attncc.spec import SiteShape, plan_for
+
+    b, h, sq, d = query.shape
+    shape = SiteShape(
+        num_heads=h,
+        q_len=sq,
+        kv_len=key.shape[2],
+        layer=layer,
+        num_kv_heads=key.shape[1],
+        head_dim=d,
+        head_dim_v=value.shape[-1],
+        scale=scaling,
+        model_mask=M.Causal(),
+    )
+    plan = plan_for(spec, shape, check=False)
+    assert plan is not None, f"no rule matches layer {layer}"
+    return plan

@@ -40,15 +40,7 @@ def compile_(m, **opts):
     return torch.compile(m, backend="attncc", options={**EAGER, **opts}, fullgraph=True)
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    # dumps here skip the ahead-of-time GPU compiles and the MLIR export (tens of seconds on a
-    # small CPU); the tests of those two switches turn them back on
-    with config.scope(dump_aot=False, dump_mlir=False):
-        yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
 
 
 def _bool_mask(sq, skv, seed=1):
@@ -141,18 +133,9 @@ def test_cpu_executors(executor):
 
 
 def _plan(h=2, hkv=1, s=9, d=4, causal=True, mask_kind=None):
-    return AttentionPlan(
-        programs=(Causal() if causal else Full(),),
-        head_to_program=(0,) * h,
-        num_heads=h,
-        num_kv_heads=hkv,
-        q_len=s,
-        kv_len=s,
-        head_dim=d,
-        head_dim_v=d,
-        dtype="float64",
-        scale=0.5,
-        mask_kind=mask_kind,
+    mask = Causal() if causal else Full()
+    return AttentionPlan.of(
+        mask, num_heads=h, num_kv_heads=hkv, q_len=s, head_dim=d, dtype="float64", mask_kind=mask_kind
     )
 
 

@@ -262,7 +262,7 @@ def test_golden_source():
         block_kv=64,
         rule="golden",
     )
-    path = GOLDEN / "heads_causal_sink4_or_window64_fwd.py"
+    path = GOLDEN / "heads_causal_sink4_or_window64_fwd.py.txt"
     src = generate_forward(plan)
     if os.environ.get("ATTNCC_UPDATE_GOLDEN") == "1":
         path.parent.mkdir(exist_ok=True)

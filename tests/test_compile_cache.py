@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
+from support import tiny_llama
 from torch._functorch._aot_autograd.autograd_cache import BypassAOTAutogradCache, check_node_safe
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from attncc.backend import Options, run_pipeline
 
@@ -22,17 +22,7 @@ def _rewritten_graph(spec: dict):
         captured.append(gm)
         return gm.forward
 
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(hidden_size=32, intermediate_size=64, vocab_size=50, max_position_embeddings=64)
     torch._dynamo.reset()
     with torch.no_grad():
         torch.compile(model, backend=backend)(torch.randint(0, 50, (1, 37)))

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from attncc.config import config
 from attncc.counters import counters
 
 B, H, HKV, S, D = 2, 4, 2, 12, 8
@@ -91,13 +90,7 @@ def inputs():
     return q, k, v, win
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    # the manifest is what these tests read: no ahead-of-time GPU compiles or MLIR export
-    with config.scope(dump_aot=False, dump_mlir=False):
-        yield
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
 
 
 def _run(body, dump_dir=None):

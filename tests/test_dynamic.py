@@ -8,33 +8,18 @@ import pathlib
 
 import pytest
 import torch
+from support import rule_plan, tiny_llama
 
 import attncc
 from attncc.codegen.selectors import layout as SL
 from attncc.codegen.selectors import run as S
 from attncc.counters import counters
 from attncc.ir import masks as M
-from attncc.ir.plan import AttentionPlan
 from attncc.spec import SpecError, check_executable, load_spec
 
 transformers = pytest.importorskip("transformers")
 
 SPECS = pathlib.Path(__file__).resolve().parent.parent / "specs" / "dynamic"
-
-
-def tiny_llama(layers=2, impl="sdpa"):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    cfg._attn_implementation = impl
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
 def selected_reference_attention(spec):
@@ -43,25 +28,8 @@ def selected_reference_attention(spec):
     spec = load_spec(spec)
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        b, h, sq, d = query.shape
-        layer = module.layer_idx
-        i = spec.match(layer, "")
-        progs, h2p = spec.head_policy(i, h)
-        bq, bk = spec.block_sizes(i)
-        plan = AttentionPlan(
-            programs=tuple(M.conj(p, M.Causal()) for p in progs),
-            head_to_program=h2p,
-            num_heads=h,
-            num_kv_heads=key.shape[1],
-            q_len=sq,
-            kv_len=key.shape[2],
-            head_dim=d,
-            head_dim_v=value.shape[-1],
-            dtype="float32",
-            scale=scaling,
-            block_q=bq,
-            block_kv=bk,
-        )
+        h = query.shape[1]
+        plan = rule_plan(spec, module.layer_idx, query, key, value, scaling)
         allowed = SL.dense_selected_mask(plan, S.select_blocks(plan, query, key))
         g = h // key.shape[1]
         k, v = key.repeat_interleave(g, 1), value.repeat_interleave(g, 1)
@@ -86,15 +54,22 @@ TOPK_SPEC = {
 }
 
 
-def test_compiled_llama_equals_reference_with_selected_mask():
-    executor = "interpret"
-    model = tiny_llama()
-    ids = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(1))
-    transformers.AttentionInterface.register("attncc_selected_ref", selected_reference_attention(TOPK_SPEC))
+def reference_logits(model, spec, ids):
+    """The model's logits with the spec's selection applied by a reference attention function
+    (restoring its sdpa attention afterwards)."""
+    transformers.AttentionInterface.register("attncc_selected_ref", selected_reference_attention(spec))
     model.config._attn_implementation = "attncc_selected_ref"
     with torch.no_grad():
         want = model(ids).logits
     model.config._attn_implementation = "sdpa"
+    return want
+
+
+def test_compiled_llama_equals_reference_with_selected_mask():
+    executor = "interpret"
+    model = tiny_llama()
+    ids = torch.randint(0, 64, (1, 70), generator=torch.Generator().manual_seed(1))
+    want = reference_logits(model, TOPK_SPEC, ids)
     with torch.no_grad():
         dense = model(ids).logits
     counters.clear()
@@ -117,11 +92,7 @@ def test_ready_selector_specs_compile_and_run(name):
         check_executable(spec, i)
     model = tiny_llama(layers=1)
     ids = torch.randint(0, 64, (1, 128), generator=torch.Generator().manual_seed(2))
-    transformers.AttentionInterface.register("attncc_selected_ref", selected_reference_attention(spec))
-    model.config._attn_implementation = "attncc_selected_ref"
-    with torch.no_grad():
-        want = model(ids).logits
-    model.config._attn_implementation = "sdpa"
+    want = reference_logits(model, spec, ids)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="attncc", options={"spec": spec, "executor": "torch", "inner": "eager"})
     with torch.no_grad():

@@ -11,6 +11,7 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
+from support import rule_plan, tiny_llama
 
 import attncc
 from attncc.backend import Options, attncc_backend
@@ -28,27 +29,7 @@ SPECS = pathlib.Path(__file__).resolve().parent.parent / "specs" / "dynamic"
 SEL = {"any": [{"sink": 16}, {"window": 16}, {"topk": {"k": 1}}]}
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def tiny_llama(layers):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
 
 
 def ids(n, seed):
@@ -67,30 +48,11 @@ class Reference:
         self.stored: dict = {}
         self.call_mode = "fresh"
 
-    def plan(self, index, query, key, value, scaling):
-        b, h, sq, d = query.shape
-        progs, h2p = self.spec.head_policy(index, h)
-        bq, bk = self.spec.block_sizes(index)
-        return AttentionPlan(
-            programs=tuple(M.conj(p, M.Causal()) for p in progs),
-            head_to_program=h2p,
-            num_heads=h,
-            num_kv_heads=key.shape[1],
-            q_len=sq,
-            kv_len=key.shape[2],
-            head_dim=d,
-            head_dim_v=value.shape[-1],
-            dtype="float32",
-            scale=scaling,
-            block_q=bq,
-            block_kv=bk,
-        )
-
     def allowed(self, module, query, key, value, scaling):
         layer = module.layer_idx
         i = self.spec.match(layer, "")
         rule, name = self.spec.rules[i], self.spec.rule_name(i)
-        plan = self.plan(i, query, key, value, scaling)
+        plan = rule_plan(self.spec, layer, query, key, value, scaling)
         if rule.permute is not None and rule.permute.by is not None:
             order = SR.key_order(query, key, rule.permute.segment)
             return SR.dense_permuted_mask(plan, SR.select_permuted(plan, query, key, order), order)

@@ -14,6 +14,7 @@ import dataclasses
 
 import pytest
 import torch
+from support import inputs, make_plan
 
 from attncc.codegen.executors import run
 from attncc.codegen.forward.reference import attention_reference
@@ -32,30 +33,14 @@ def sel(method: str, **params) -> M.Selector:
     return M.Selector(method, tuple(sorted(params.items())))
 
 
-def make_plan(prog: M.Mask, heads=2, kv_heads=1, q_len=100, kv_len=None, dim=32, dtype="float32", block=16, **kw):
-    return AttentionPlan(
-        programs=(prog,) if not isinstance(prog, tuple) else prog,
-        head_to_program=kw.pop("head_to_program", (0,) * heads),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        q_len=q_len,
-        kv_len=kv_len or q_len,
-        head_dim=dim,
-        head_dim_v=dim,
-        dtype=dtype,
-        scale=dim**-0.5,
-        block_q=block,
-        block_kv=block,
-        **kw,
-    )
+def plan_of(prog, **kw) -> AttentionPlan:
+    """A selector-test plan: 2 query heads on 1 kv head, 100 tokens, 16-token blocks."""
+    programs = prog if isinstance(prog, tuple) else (prog,)
+    return make_plan(*programs, **{"kv_heads": 1, "q_len": 100, **kw})
 
 
-def inputs(plan: AttentionPlan, batch=1, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, plan.num_heads, plan.q_len, plan.head_dim, generator=g).to(dtype)
-    k = torch.randn(batch, plan.num_kv_heads, plan.kv_len, plan.head_dim, generator=g).to(dtype)
-    v = torch.randn(batch, plan.num_kv_heads, plan.kv_len, plan.head_dim, generator=g).to(dtype)
-    return q, k, v
+def qkv(plan: AttentionPlan, batch: int = 1):
+    return inputs(plan, batch)[:3]
 
 
 def reference_with(plan: AttentionPlan, q, k, v, allowed):
@@ -126,7 +111,7 @@ def _eval(node: M.Mask, sel_tok: torch.Tensor, q_len: int, kv_len: int) -> torch
     ids=["streaming_or_topk", "causal_topk", "not_above_selector", "selector_inside_all"],
 )
 def test_dense_selected_mask_follows_the_algebra(prog):
-    plan = make_plan(prog, heads=1, kv_heads=1, q_len=70)
+    plan = plan_of(prog, heads=1, kv_heads=1, q_len=70)
     g = torch.Generator().manual_seed(1)
     nq = -(-70 // 16)
     selected = torch.rand(1, 1, nq, nq, generator=g) < 0.4
@@ -168,8 +153,8 @@ SELECTORS = {
 @pytest.mark.parametrize("name", list(SELECTORS))
 def test_kernels_equal_reference(name):
     prog = M.All((M.Causal(), M.Any_((M.Sink(8), SELECTORS[name]))))
-    plan = make_plan(prog, q_len=72)
-    q, k, _ = inputs(plan, batch=2)
+    plan = plan_of(prog, q_len=72)
+    q, k, _ = qkv(plan, batch=2)
     lay = SL.layout(plan)
     cfg, cand = lay.configs[0], lay.candidates[0]
     kv_head = torch.arange(plan.num_heads) // plan.gqa_group
@@ -192,8 +177,8 @@ def test_kernels_equal_reference(name):
 
 
 def test_selection_stays_inside_candidates_and_k():
-    plan = make_plan(STREAM_TOPK, q_len=130)
-    q, k, _ = inputs(plan)
+    plan = plan_of(STREAM_TOPK, q_len=130)
+    q, k, _ = qkv(plan)
     selected = S.select_blocks(plan, q, k)
     lay = SL.layout(plan)
     cand = lay.candidates[0]
@@ -222,8 +207,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_attention_equals_reference_with_selected_mask(case, executor):
     prog, kw = CASES[case]
-    plan = make_plan(prog, **kw)
-    q, k, v = inputs(plan)
+    plan = plan_of(prog, **kw)
+    q, k, v = qkv(plan)
 
     out, lse = run(plan, q, k, v, None, executor)
     selected = S.select_blocks(plan, q, k, "interpret" if executor == "interpret" else None)
@@ -234,9 +219,9 @@ def test_attention_equals_reference_with_selected_mask(case, executor):
 
 def test_interpret_fp16_with_model_mask_tensor_and_heads():
     prog_a = M.All((M.Causal(), M.Any_((M.Sink(16), sel("topk", k=1)))))
-    plan = make_plan((prog_a, M.Causal()), heads=2, kv_heads=1, q_len=48, dtype="float16", head_to_program=(0, 1))
+    plan = plan_of((prog_a, M.Causal()), heads=2, kv_heads=1, q_len=48, dtype="float16", head_to_program=(0, 1))
     plan = dataclasses.replace(plan, mask_kind="bool")
-    q, k, v = inputs(plan, batch=1, dtype=torch.float16)
+    q, k, v = qkv(plan)
     model_mask = torch.ones(1, 1, 48, 48, dtype=torch.bool)
     model_mask[..., 40:] = False
     selected = S.select_blocks(plan, q, k, "interpret")
@@ -247,7 +232,7 @@ def test_interpret_fp16_with_model_mask_tensor_and_heads():
 
 
 def test_candidates_exclude_blocks_the_static_part_keeps():
-    plan = make_plan(STREAM_TOPK, q_len=100)
+    plan = plan_of(STREAM_TOPK, q_len=100)
     cand = SL.layout(plan).candidates[0]
     allowed_static = M.dense(split_program(STREAM_TOPK).when_not, 100, 100)[0]
     nq = cand.shape[0]

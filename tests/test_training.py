@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from support import tiny_llama
 
 import attncc
 
@@ -23,19 +24,8 @@ SPEC = {
 }
 
 
-def tiny_llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).float().train()
+def training_llama() -> torch.nn.Module:
+    return tiny_llama(vocab_size=96, intermediate_size=128, max_position_embeddings=128, train=True)
 
 
 def explicit_mask() -> torch.Tensor:
@@ -68,7 +58,7 @@ def train(model, steps: int, mask: torch.Tensor | None):
 def test_streaming_llama_trains_like_explicit_mask(executor):
     from attncc.counters import counters
 
-    reference = tiny_llama()
+    reference = training_llama()
     model = copy.deepcopy(reference)
     counters.clear()
     compiled = torch.compile(model, backend="attncc", options={"spec": SPEC, "executor": executor, "inner": "eager"})
@@ -77,7 +67,7 @@ def test_streaming_llama_trains_like_explicit_mask(executor):
     want_losses, want_grads = train(reference, 3, explicit_mask())
 
     # the streaming mask really differs from plain causal attention at this length
-    plain_losses, _ = train(tiny_llama(), 1, None)
+    plain_losses, _ = train(training_llama(), 1, None)
     assert not torch.allclose(plain_losses[0], want_losses[0], rtol=1e-4)
 
     for step in range(3):
@@ -100,19 +90,8 @@ def test_op_and_its_backward_appear_in_the_aot_graphs():
     from attncc.runtime.ops import attention
     from attncc.runtime.registry import register_plan
 
-    plan = AttentionPlan(
-        programs=(M.conj(M.Causal(), M.Window(7, 0)),),
-        head_to_program=(0, 0),
-        num_heads=2,
-        num_kv_heads=1,
-        q_len=24,
-        kv_len=24,
-        head_dim=16,
-        head_dim_v=16,
-        dtype="float32",
-        scale=0.25,
-        block_q=16,
-        block_kv=16,
+    plan = AttentionPlan.of(
+        M.conj(M.Causal(), M.Window(7, 0)), num_heads=2, num_kv_heads=1, q_len=24, head_dim=16, block=16
     )
     key = register_plan(plan)
     # the generated forward and backward kernels, under the Triton interpreter

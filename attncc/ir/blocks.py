@@ -466,6 +466,18 @@ def _settle(
         if r.numel():
             descend(levels, r, c)
 
+    return _assemble(nq, nk, rects, tiles)
+
+
+def _assemble(
+    nq: int,
+    nk: int,
+    rects: list[tuple[int, torch.Tensor, torch.Tensor]],
+    tiles: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> _Settled:
+    """A :class:`_Settled` from the FULL super-blocks (level, row, col) and the label tiles the
+    descent found."""
+
     def span(level: int, idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         size = _FANOUT**level
         return idx * size, torch.clamp(idx * size + size, max=n)

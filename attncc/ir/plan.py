@@ -81,6 +81,45 @@ class AttentionPlan:
         for p in self.programs:
             p.check_lengths(self.q_len, self.kv_len)
 
+    @classmethod
+    def of(
+        cls,
+        *programs: M.Mask,
+        num_heads: int,
+        q_len: int,
+        head_dim: int,
+        kv_len: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim_v: int | None = None,
+        head_to_program: tuple[int, ...] | None = None,
+        dtype: DTypeName = "float32",
+        scale: float | None = None,
+        block: int = 64,
+        block_kv: int | None = None,
+        **fields,
+    ) -> AttentionPlan:
+        """A plan with the usual defaults: ``programs`` (default ``full``), head ``h`` on program
+        ``min(h, last)``, kv as long as q, a kv head per query head, Dv = D, scale D^-1/2,
+        ``block`` x ``block`` tiles; ``fields``: the other plan fields (permute, mask_kind, ...)."""
+        programs = programs or (M.Full(),)
+        if head_to_program is None:
+            head_to_program = tuple(min(h, len(programs) - 1) for h in range(num_heads))
+        return cls(
+            programs=tuple(programs),
+            head_to_program=tuple(head_to_program),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads or num_heads,
+            q_len=q_len,
+            kv_len=q_len if kv_len is None else kv_len,
+            head_dim=head_dim,
+            head_dim_v=head_dim if head_dim_v is None else head_dim_v,
+            dtype=dtype,
+            scale=head_dim**-0.5 if scale is None else scale,
+            block_q=block,
+            block_kv=block_kv or block,
+            **fields,
+        )
+
     @property
     def gqa_group(self) -> int:
         return self.num_heads // self.num_kv_heads

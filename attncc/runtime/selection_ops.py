@@ -33,7 +33,9 @@ Tensor = torch.Tensor
 _STATEFUL = (torch.Tag.cudagraph_unsafe,)
 
 
-def _fake_out(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _fake_out(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
+    """The fake ``(out, lse)`` of every op here that returns those two (the rest of the arguments
+    do not change their shapes)."""
     b, h, sq, _ = q.shape
     return q.new_empty((b, h, sq, v.shape[-1])), q.new_empty((b, h, sq), dtype=torch.float32)
 
@@ -54,7 +56,7 @@ def _attention_select_fake(q, k, v, mask, plan_key, executor):
     b, h, sq, _ = q.shape
     nq = (sq + plan.block_q - 1) // plan.block_q
     nk = (k.shape[-2] + plan.block_kv - 1) // plan.block_kv
-    out, lse = _fake_out(q, v)
+    out, lse = _fake_out(q, k, v)
     return out, lse, q.new_empty((b, h, nq, nk), dtype=torch.bool)
 
 
@@ -65,11 +67,6 @@ def attention_reuse(
     plan = plan_of(plan_key, q, k)
     out, lse = executors.attend(plan, q, k, v, mask, selected, executor)
     return out.contiguous(), lse.contiguous()
-
-
-@attention_reuse.register_fake
-def _attention_reuse_fake(q, k, v, mask, selected, plan_key, executor):
-    return _fake_out(q, v)
 
 
 @torch.library.custom_op("attncc::attention_cached", mutates_args=(), tags=_STATEFUL)
@@ -100,11 +97,6 @@ def attention_cached(
     return out.contiguous(), lse.contiguous()
 
 
-@attention_cached.register_fake
-def _attention_cached_fake(q, k, v, mask, plan_key, dense_key, executor, cache_key, site_key, dense_first, refresh):
-    return _fake_out(q, v)
-
-
 @torch.library.custom_op("attncc::attention_permuted", mutates_args=())
 def attention_permuted(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, plan_key: str, executor: str, segment: int
@@ -114,6 +106,5 @@ def attention_permuted(
     return out.contiguous(), lse.contiguous()
 
 
-@attention_permuted.register_fake
-def _attention_permuted_fake(q, k, v, mask, plan_key, executor, segment):
-    return _fake_out(q, v)
+for _op in (attention_reuse, attention_cached, attention_permuted):
+    _op.register_fake(_fake_out)

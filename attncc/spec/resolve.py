@@ -34,85 +34,94 @@ def _has_selector(spec: Spec, index: int) -> bool:
     return any(m.is_dynamic for m, _ in spec.compiled(index).masks())
 
 
-def runtime_problem(spec: Spec, index: int) -> tuple[str, tuple] | None:
+Problem = tuple[str, tuple] | None
+
+
+def runtime_problem(spec: Spec, index: int) -> Problem:
     """Why rule ``index``'s ``reuse`` or ``permute.by`` cannot run as written, as (what, key path),
     or None. Checks what the spec alone decides; what depends on the bound sites (a producer
     before the consumer, equal shapes) is checked by the ``thread-selections`` pass."""
+    return _reuse_problem(spec, index) or _permute_problem(spec, index)
+
+
+def _reuse_problem(spec: Spec, index: int) -> Problem:
     rule = spec.rules[index]
     reuse, permute = rule.reuse, rule.permute
-    by = permute is not None and permute.by is not None
-    reuse_path = ("rules", index, "reuse")
-    if reuse is not None:
+    if reuse is None:
+        return None
 
-        def bad(why: str, *key: str) -> tuple[str, tuple]:
-            return f"'reuse' of a block selection ({why})", reuse_path + key
+    def bad(why: str, *key: str) -> tuple[str, tuple]:
+        return f"'reuse' of a block selection ({why})", ("rules", index, "reuse") + key
 
-        across_calls = reuse.dense_first is not None or reuse.refresh_every is not None
-        if reuse.from_ is None and not across_calls:
-            return bad(
-                "give 'from' (a rule name or layer: reuse across layers) "
-                "or 'dense_first' / 'refresh_every' (across calls)"
-            )
-        if reuse.from_ is not None and across_calls:
-            return bad(
-                "'from' (across layers) and 'dense_first' / 'refresh_every' (across calls) "
-                "cannot be combined in one rule"
-            )
-        if not _has_selector(spec, index):
-            return bad("the rule's mask has no topk/threshold selector for a reused selection to stand for")
-        if by:
-            return bad("a reused selection cannot be combined with a run-time permutation 'permute.by'")
-        if isinstance(reuse.from_, str):
-            names = [spec.rule_name(j) for j in range(len(spec.rules))]
-            j = spec.rule_index(reuse.from_)
-            if j is None:
-                close = [n for n in names if n.lower() == reuse.from_.lower()]
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                return bad(f"no rule is named '{reuse.from_}'{hint}; rules: {', '.join(names)}", "from")
-            if j == index:
-                return bad("a rule cannot reuse its own selection; name the rule that computes it", "from")
-            src = spec.rules[j]
-            if not _has_selector(spec, j):
-                return bad(f"rule '{reuse.from_}' has no topk/threshold selector, so it computes no selection", "from")
-            if src.reuse is not None and (src.reuse.dense_first is not None or src.reuse.refresh_every is not None):
-                return bad(
-                    f"rule '{reuse.from_}' reuses its selection across calls; reuse across layers "
-                    "needs a rule that selects on every call",
-                    "from",
-                )
-            if src.permute is not None and src.permute.by is not None:
-                return bad(
-                    f"rule '{reuse.from_}' selects in a run-time key order that does not carry over to another layer",
-                    "from",
-                )
+    across_calls = reuse.dense_first is not None or reuse.refresh_every is not None
+    if reuse.from_ is None and not across_calls:
+        return bad(
+            "give 'from' (a rule name or layer: reuse across layers) or 'dense_first' / 'refresh_every' (across calls)"
+        )
+    if reuse.from_ is not None and across_calls:
+        return bad(
+            "'from' (across layers) and 'dense_first' / 'refresh_every' (across calls) cannot be combined in one rule"
+        )
+    if not _has_selector(spec, index):
+        return bad("the rule's mask has no topk/threshold selector for a reused selection to stand for")
     if permute is not None and permute.by is not None:
-        path = ("rules", index, "permute")
-        by_name, segment = permute.by, permute.segment
+        return bad("a reused selection cannot be combined with a run-time permutation 'permute.by'")
+    if not isinstance(reuse.from_, str):
+        return None
+    names = [spec.rule_name(j) for j in range(len(spec.rules))]
+    j = spec.rule_index(reuse.from_)
+    if j is None:
+        close = [n for n in names if n.lower() == reuse.from_.lower()]
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return bad(f"no rule is named '{reuse.from_}'{hint}; rules: {', '.join(names)}", "from")
+    if j == index:
+        return bad("a rule cannot reuse its own selection; name the rule that computes it", "from")
+    src = spec.rules[j]
+    if not _has_selector(spec, j):
+        return bad(f"rule '{reuse.from_}' has no topk/threshold selector, so it computes no selection", "from")
+    if src.reuse is not None and (src.reuse.dense_first is not None or src.reuse.refresh_every is not None):
+        return bad(
+            f"rule '{reuse.from_}' reuses its selection across calls; reuse across layers "
+            "needs a rule that selects on every call",
+            "from",
+        )
+    if src.permute is not None and src.permute.by is not None:
+        return bad(
+            f"rule '{reuse.from_}' selects in a run-time key order that does not carry over to another layer", "from"
+        )
+    return None
 
-        def bad_perm(why: str, *key: str) -> tuple[str, tuple]:
-            return f"the run-time permutation 'by: {by_name}' ({why})", path + key
 
-        if segment is None:
-            return bad_perm("give 'segment': keys are sorted inside consecutive segments of that many tokens", "by")
-        if not _has_selector(spec, index):
-            return bad_perm(
-                "the rule's mask has no topk/threshold selector to run in the permuted order; "
-                "without one the key order changes nothing",
-                "by",
-            )
-        block_q, block_kv = spec.block_sizes(index)
-        for mask, _ in spec.compiled(index).masks():
-            for sel in selectors_of(mask):
-                try:
-                    cfg = resolve_selector(sel, block_q, block_kv)
-                except SelectorError:
-                    continue  # reported by selector_problem
-                if segment % cfg.block:
-                    return bad_perm(
-                        f"segment {segment} must be a multiple of the selector block {cfg.block} so every "
-                        f"selected block lies inside one segment",
-                        "segment",
-                    )
+def _permute_problem(spec: Spec, index: int) -> Problem:
+    permute = spec.rules[index].permute
+    if permute is None or permute.by is None:
+        return None
+    by_name, segment = permute.by, permute.segment
+
+    def bad(why: str, *key: str) -> tuple[str, tuple]:
+        return f"the run-time permutation 'by: {by_name}' ({why})", ("rules", index, "permute") + key
+
+    if segment is None:
+        return bad("give 'segment': keys are sorted inside consecutive segments of that many tokens", "by")
+    if not _has_selector(spec, index):
+        return bad(
+            "the rule's mask has no topk/threshold selector to run in the permuted order; "
+            "without one the key order changes nothing",
+            "by",
+        )
+    block_q, block_kv = spec.block_sizes(index)
+    for mask, _ in spec.compiled(index).masks():
+        for sel in selectors_of(mask):
+            try:
+                cfg = resolve_selector(sel, block_q, block_kv)
+            except SelectorError:
+                continue  # reported by selector_problem
+            if segment % cfg.block:
+                return bad(
+                    f"segment {segment} must be a multiple of the selector block {cfg.block} so every "
+                    f"selected block lies inside one segment",
+                    "segment",
+                )
     return None
 
 

@@ -19,7 +19,7 @@ import torch
 from attncc.codegen.aot import Job, compile_jobs
 from attncc.codegen.backward.generate import kernel_names
 from attncc.codegen.cache import BACKWARD, KernelCache, default_cache
-from attncc.codegen.common import next_pow2
+from attncc.codegen.common import mask_argument, next_pow2
 from attncc.ir.blocks import BlockTable
 from attncc.ir.dtypes import DTYPES, dtype_name
 from attncc.ir.plan import AttentionPlan
@@ -226,16 +226,6 @@ def _grad_buffers(q, k, v, grads: Grads | None) -> Grads:
     return grads
 
 
-def _mask_argument(plan: AttentionPlan, mask_tensor, batch: int, placeholder) -> tuple[torch.Tensor, tuple]:
-    """The mask tensor as the kernels read it (bool as uint8, broadcast by strides), or a placeholder."""
-    if mask_tensor is None:
-        return placeholder, (0, 0, 0, 0)
-    mt = mask_tensor.expand(batch, plan.num_heads, plan.q_len, plan.kv_len)
-    if mt.dtype == torch.bool:
-        mt = mt.view(torch.uint8)
-    return mt, mt.stride()
-
-
 def attention_bwd(
     plan: AttentionPlan,
     q,
@@ -266,7 +256,8 @@ def attention_bwd(
     q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
     lse = lse.to(torch.float32).contiguous()
     dq, dk, dv = _grad_buffers(q, k, v, grads)
-    mt, mask_strides = _mask_argument(plan, mask_tensor, bsz, tables.order)
+    shape = (bsz, plan.num_heads, plan.q_len, plan.kv_len)
+    mt, mask_strides = mask_argument(mask_tensor, shape, tables.order, torch.uint8)
     fwd, tr = tables.forward, tables.transposed
     nq, nk = fwd.num_q_blocks, fwd.num_kv_blocks
     count = visits is not None

@@ -295,41 +295,7 @@ def {name}(
     num_visited = 0
     table_row = program * NUM_Q_BLOCKS + pid_m
 
-    # full kv blocks: every pair is allowed, the mask predicate is skipped
-    num_full = tl.load(FullNumBlocks + table_row)
-    for i in range(0, num_full):
-        kv_block = tl.load(FullIndices + table_row * MAX_FULL + i)
-        acc, l_i, m_i = _visit_kv_block(
-            acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
-            K, V, MaskTensor, {kv_gather},
-            stride_kb, stride_kh, stride_ks, stride_kd,
-            stride_vb, stride_vh, stride_vs, stride_vd,
-            stride_mb, stride_mh, stride_mq, stride_mk,
-            qk_scale, KV_LEN,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, False, {kv_perm},
-            HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
-        )
-        if COUNT_VISITS:
-            num_visited += 1
-
-    # partial kv blocks: the mask predicate decides pair by pair
-    num_partial = tl.load(KvNumBlocks + table_row)
-    for i in range(0, num_partial):
-        kv_block = tl.load(KvIndices + table_row * MAX_PARTIAL + i)
-        acc, l_i, m_i = _visit_kv_block(
-            acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
-            K, V, MaskTensor, {kv_gather},
-            stride_kb, stride_kh, stride_ks, stride_kd,
-            stride_vb, stride_vh, stride_vs, stride_vd,
-            stride_mb, stride_mh, stride_mq, stride_mk,
-            qk_scale, KV_LEN,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, True, {kv_perm},
-            HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
-        )
-        if COUNT_VISITS:
-            num_visited += 1
-
-    if COUNT_VISITS:
+{full_loop}{partial_loop}    if COUNT_VISITS:
         tl.store(Visits + pid_bh * NUM_Q_BLOCKS + pid_m, num_visited)
     # rows with no allowed key: l = 0 -> output 0, lse = -inf
     empty_row = l_i == 0.0  # [BM]
@@ -344,6 +310,34 @@ def {name}(
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_valid[:, None] & (offs_dv[None, :] < HEAD_DIM_V))
     tl.store(Lse + pid_bh.to(tl.int64) * Q_LEN + q_idx, lse, mask=q_valid)
 """
+
+#: one walk over a block-table row: full kv blocks (predicate skipped), or partial ones
+_LOOP = """\
+    # {what}
+    num_{kind} = tl.load({counts} + table_row)
+    for i in range(0, num_{kind}):
+        kv_block = tl.load({indices} + table_row * {width} + i)
+        acc, l_i, m_i = _visit_kv_block(
+            acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
+            K, V, MaskTensor, {kv_gather},
+            stride_kb, stride_kh, stride_ks, stride_kd,
+            stride_vb, stride_vh, stride_vs, stride_vd,
+            stride_mb, stride_mh, stride_mq, stride_mk,
+            qk_scale, KV_LEN,
+            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, {is_partial}, {kv_perm},
+            HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
+        )
+        if COUNT_VISITS:
+            num_visited += 1
+
+"""
+#: the two walks: (placeholder, comment, loop variable, counts, indices, row width, IS_PARTIAL)
+_LOOPS = [
+    ("full_loop", "full kv blocks: every pair is allowed, the mask predicate is skipped", "full")
+    + ("FullNumBlocks", "FullIndices", "MAX_FULL", "False"),
+    ("partial_loop", "partial kv blocks: the mask predicate decides pair by pair", "partial")
+    + ("KvNumBlocks", "KvIndices", "MAX_PARTIAL", "True"),
+]
 
 _KV_ORDER = (
     "    # run-time key order of this (batch, kv head), [Skv] int64: kernel slot -> model key position.\n"
@@ -367,14 +361,16 @@ def generate_forward(plan: AttentionPlan) -> str:
     many = len(plan.programs) > 1
     header = _HEADER.format(name=name, version=__version__, plan=plan.describe())
     kv = plan.runtime_key_order
+    # a run-time key order gathers k/v through its row (static permutations are excluded)
+    gather = {"kv_gather": "kv_order" if kv else "Order", "kv_perm": "True" if kv else "HAS_PERM"}
+    fields = ("what", "kind", "counts", "indices", "width", "is_partial")
+    loops = {key: _LOOP.format(**dict(zip(fields, row)), **gather) for key, *row in _LOOPS}
     kernel = _KERNEL.format(
         name=name,
         kv_order_arg=" KvOrder," if kv else "",
         head_to_program=" HeadToProgram," if many else "",
         kv_order=_KV_ORDER if kv else "",
         program=_MANY_PROGRAMS if many else _ONE_PROGRAM,
-        # a run-time key order gathers k/v through its row (static permutations are excluded)
-        kv_gather="kv_order" if kv else "Order",
-        kv_perm="True" if kv else "HAS_PERM",
+        **loops,
     )
     return header + emit_mask_predicate(plan) + "\n\n" + _LOAD_2D + _VISIT.format(dot_kwargs=dot_kwargs) + kernel

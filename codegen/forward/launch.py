@@ -7,6 +7,7 @@ import math
 import torch
 
 from attncc.codegen.cache import KernelCache, default_cache
+from attncc.codegen.common import mask_argument
 from attncc.codegen.forward.generate import kernel_constexprs, launch_options
 from attncc.ir.blocks import BlockTable
 from attncc.ir.plan import AttentionPlan
@@ -27,6 +28,69 @@ def device_data(plan: AttentionPlan, device: torch.device) -> tuple[BlockTable, 
             _device_data.clear()
         _device_data[key] = hit
     return hit
+
+
+def _check_kv_order(
+    plan: AttentionPlan, q: torch.Tensor, kv_order: torch.Tensor | None, block_table: BlockTable | None
+) -> torch.Tensor | None:
+    """``kv_order`` contiguous, after checking it is given exactly for a plan with a run-time key
+    order, with its shape, dtype and device, and with a block table over slot blocks."""
+    if (kv_order is None) == plan.runtime_key_order:
+        raise ValueError(
+            f"plan runtime_key_order is {plan.runtime_key_order} but kv_order is "
+            f"{'missing' if kv_order is None else 'given'}"
+        )
+    if kv_order is None:
+        return None
+    want = (q.shape[0], plan.num_kv_heads, plan.kv_len)
+    if tuple(kv_order.shape) != want or kv_order.dtype != torch.int64 or kv_order.device != q.device:
+        raise ValueError(
+            f"kv_order is {kv_order.dtype} {tuple(kv_order.shape)} on {kv_order.device}; "
+            f"expected int64 {want} on {q.device}"
+        )
+    if block_table is None:
+        raise ValueError("a plan with a run-time key order needs block_table (over kernel slot blocks)")
+    return kv_order.contiguous()
+
+
+def _kernel_args(
+    plan: AttentionPlan,
+    table: BlockTable,
+    pointers: dict[str, object],
+    tensors: tuple[torch.Tensor, ...],
+    mask_strides: tuple[int, ...],
+    target: str,
+    count_visits: bool,
+) -> dict[str, object]:
+    """Every argument of the forward kernel by name: pointers, the block table, strides of
+    q/k/v/out and the mask, run-time lengths, and the constexprs."""
+    args = dict(pointers)
+    args.update(
+        {
+            "KvNumBlocks": table.kv_num_blocks.contiguous(),
+            "KvIndices": table.kv_indices.contiguous(),
+            "FullNumBlocks": table.full_num_blocks.contiguous(),
+            "FullIndices": table.full_indices.contiguous(),
+        }
+    )
+    for t, x in zip("qkvo", tensors):
+        for dim, s in zip("bhsd", x.stride()):
+            args[f"stride_{t}{dim}"] = s
+    for dim, s in zip("bhqk", mask_strides):
+        args[f"stride_m{dim}"] = s
+    args.update(
+        {
+            "qk_scale": plan.scale * math.log2(math.e),
+            "Q_LEN": plan.q_len,
+            "KV_LEN": plan.kv_len,
+            "Q_OFFSET": plan.q_offset,
+            "NUM_Q_BLOCKS": table.num_q_blocks,
+            "MAX_PARTIAL": table.kv_indices.shape[-1],
+            "MAX_FULL": table.full_indices.shape[-1],
+        }
+    )
+    args.update(kernel_constexprs(plan, count_visits=count_visits, dot_fp32=target == "interpret"))
+    return args
 
 
 def attention_fwd(
@@ -58,26 +122,8 @@ def attention_fwd(
     must be given too. The model's mask tensor stays in model order. The inputs are those
     :func:`attncc.codegen.common.check_inputs` accepts (the executor table checks them).
     """
-    if (kv_order is None) == plan.runtime_key_order:
-        raise ValueError(
-            f"plan runtime_key_order is {plan.runtime_key_order} but kv_order is "
-            f"{'missing' if kv_order is None else 'given'}"
-        )
-    if kv_order is not None:
-        want = (q.shape[0], plan.num_kv_heads, plan.kv_len)
-        if tuple(kv_order.shape) != want or kv_order.dtype != torch.int64 or kv_order.device != q.device:
-            raise ValueError(
-                f"kv_order is {kv_order.dtype} {tuple(kv_order.shape)} on {kv_order.device}; "
-                f"expected int64 {want} on {q.device}"
-            )
-        if block_table is None:
-            raise ValueError("a plan with a run-time key order needs block_table (over kernel slot blocks)")
-        kv_order = kv_order.contiguous()
+    kv_order = _check_kv_order(plan, q, kv_order, block_table)
     target = target or ("cuda" if q.device.type == "cuda" else "interpret")
-    if target == "cuda" and q.device.type != "cuda":
-        raise ValueError(f"executor 'triton' needs CUDA tensors, got {q.device}; use 'interpret' or 'torch' on CPU")
-    if target == "interpret" and q.device.type != "cpu":
-        raise ValueError(f"executor 'interpret' runs on CPU tensors, got {q.device}")
     kernel = (cache or default_cache()).kernel(plan, target)
     dev = q.device
     if block_table is None:
@@ -94,16 +140,10 @@ def attention_fwd(
     if tuple(lse.shape) != (b, h, plan.q_len) or not lse.is_contiguous() or lse.dtype != torch.float32:
         raise ValueError("lse must be a contiguous fp32 [B, H, Sq] tensor")
     placeholder = torch.zeros(1, dtype=torch.int8, device=dev)
-    if mask_tensor is not None:
-        mask = torch.broadcast_to(mask_tensor, (b, h, plan.q_len, plan.kv_len))
-        if mask.dtype == torch.bool:
-            mask = mask.view(torch.int8)
-        mask_strides = mask.stride()
-    else:
-        mask, mask_strides = placeholder, (0, 0, 0, 0)
+    mask, mask_strides = mask_argument(mask_tensor, (b, h, plan.q_len, plan.kv_len), placeholder, torch.int8)
     if visits is not None and (tuple(visits.shape) != (b * h, table.num_q_blocks) or visits.dtype != torch.int32):
         raise ValueError(f"visits must be int32 [{b * h}, {table.num_q_blocks}]")
-    args: dict[str, object] = {
+    pointers: dict[str, object] = {
         "Q": q,
         "K": k,
         "V": v,
@@ -113,29 +153,9 @@ def attention_fwd(
         "Order": order if order is not None else placeholder.to(torch.int64),
         "KvOrder": kv_order,
         "HeadToProgram": head_to_program,
-        "KvNumBlocks": table.kv_num_blocks.contiguous(),
-        "KvIndices": table.kv_indices.contiguous(),
-        "FullNumBlocks": table.full_num_blocks.contiguous(),
-        "FullIndices": table.full_indices.contiguous(),
         "Visits": visits if visits is not None else placeholder.to(torch.int32),
     }
-    for t, x, dims in (("q", q, "bhsd"), ("k", k, "bhsd"), ("v", v, "bhsd"), ("o", out, "bhsd")):
-        for dim, s in zip(dims, x.stride()):
-            args[f"stride_{t}{dim}"] = s
-    for dim, s in zip("bhqk", mask_strides):
-        args[f"stride_m{dim}"] = s
-    args.update(
-        {
-            "qk_scale": plan.scale * math.log2(math.e),
-            "Q_LEN": plan.q_len,
-            "KV_LEN": plan.kv_len,
-            "Q_OFFSET": plan.q_offset,
-            "NUM_Q_BLOCKS": table.num_q_blocks,
-            "MAX_PARTIAL": table.kv_indices.shape[-1],
-            "MAX_FULL": table.full_indices.shape[-1],
-        }
-    )
-    args.update(kernel_constexprs(plan, count_visits=visits is not None, dot_fp32=target == "interpret"))
+    args = _kernel_args(plan, table, pointers, (q, k, v, out), mask_strides, target, visits is not None)
     args = {name: args[name] for name in kernel.arg_names}
     options = launch_options(plan)
     num_warps = options["num_warps"] if num_warps is None else num_warps

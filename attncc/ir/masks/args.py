@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from typing import Any
+from typing import Any, ClassVar
 
-from attncc.ir.masks.base import MaskError, Path
+from attncc.ir.masks.base import Mask, MaskError, Path
 
 
 def suggest(word: str | int, choices) -> str:
@@ -40,6 +41,28 @@ def need_mapping(arg: Any, path: Path, key: str, allowed: list[str], required: l
     if missing:
         raise MaskError(f"{key} needs '{missing[0]}'; it takes {form}", path)
     return arg
+
+
+class IntArg(Mask):
+    """A primitive whose whole argument is one integer, ``{key: N}`` (N >= 1): subclasses are
+    dataclasses whose only field holds it; kernels are named ``<short><N>`` (``short``: the key)."""
+
+    short: ClassVar[str] = ""
+
+    @classmethod
+    def parse(cls, arg: Any, path: Path, child) -> Mask:
+        return cls(need_int(arg, path, cls.kind))  # type: ignore[call-arg]  # the subclass's one field
+
+    @property
+    def value(self) -> int:
+        return getattr(self, dataclasses.fields(self)[0].name)  # type: ignore[arg-type]  # a dataclass
+
+    def to_spec(self) -> Any:
+        return {self.kind: self.value}
+
+    @property
+    def name(self) -> str:
+        return f"{self.short or self.kind}{self.value}"
 
 
 # -- JSON-schema fragments of arguments -----------------------------------------------------------

@@ -5,22 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attncc.ir.masks.args import POS, need_int
-from attncc.ir.masks.base import Mask, on_grid, register
+from attncc.ir.masks.args import POS, IntArg
+from attncc.ir.masks.base import on_grid, register
 
 
 @register("block_causal", "kv // B <= q // B", POS)
 @dataclass(frozen=True)
-class BlockCausal(Mask):
+class BlockCausal(IntArg):
     """kv // size <= q // size."""
 
     size: int
     kind: ClassVar[str] = "block_causal"
+    short: ClassVar[str] = "blockcausal"
     tight: ClassVar[str] = "always"
-
-    @classmethod
-    def parse(cls, arg, path, child):
-        return cls(need_int(arg, path, "block_causal"))
 
     def dense(self, h, q, kv, q_len, kv_len):
         return on_grid(h, q, kv, kv // self.size <= q // self.size)
@@ -31,10 +28,3 @@ class BlockCausal(Mask):
 
     def triton(self):
         return f"((kv_pos // {self.size}) <= (q_pos // {self.size}))"
-
-    def to_spec(self):
-        return {"block_causal": self.size}
-
-    @property
-    def name(self):
-        return f"blockcausal{self.size}"

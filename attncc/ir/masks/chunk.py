@@ -5,22 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attncc.ir.masks.args import POS, need_int
-from attncc.ir.masks.base import Mask, on_grid, register
+from attncc.ir.masks.args import POS, IntArg
+from attncc.ir.masks.base import on_grid, register
 
 
 @register("chunk", "q // B == kv // B", POS)
 @dataclass(frozen=True)
-class Chunk(Mask):
+class Chunk(IntArg):
     """q // size == kv // size."""
 
     size: int
     kind: ClassVar[str] = "chunk"
     tight: ClassVar[str] = "contiguous"
-
-    @classmethod
-    def parse(cls, arg, path, child):
-        return cls(need_int(arg, path, "chunk"))
 
     def dense(self, h, q, kv, q_len, kv_len):
         return on_grid(h, q, kv, q // self.size == kv // self.size)
@@ -34,10 +30,3 @@ class Chunk(Mask):
 
     def triton(self):
         return f"((q_pos // {self.size}) == (kv_pos // {self.size}))"
-
-    def to_spec(self):
-        return {"chunk": self.size}
-
-    @property
-    def name(self):
-        return f"chunk{self.size}"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attncc.ir.masks.args import POS, need_int
-from attncc.ir.masks.base import Mask, Tensor, dist_bounds, on_grid, register
+from attncc.ir.masks.args import POS, IntArg
+from attncc.ir.masks.base import Tensor, dist_bounds, on_grid, register
 
 
 def _largest_pow2_at_most(x: Tensor) -> Tensor:
@@ -19,7 +19,7 @@ def _largest_pow2_at_most(x: Tensor) -> Tensor:
 
 @register("power", "d = q - kv: 0 <= d < L or d is a power of two", POS)
 @dataclass(frozen=True)
-class Power(Mask):
+class Power(IntArg):
     """PowerAttention-style causal power-of-two distances: with d = q - kv,
     ``0 <= d < local`` or ``d`` is a power of two (1, 2, 4, 8, ...).
 
@@ -29,10 +29,6 @@ class Power(Mask):
     local: int
     kind: ClassVar[str] = "power"
     distance_only: ClassVar[bool] = True
-
-    @classmethod
-    def parse(cls, arg, path, child):
-        return cls(need_int(arg, path, "power"))
 
     def dense(self, h, q, kv, q_len, kv_len):
         d = q - kv
@@ -51,10 +47,3 @@ class Power(Mask):
     def triton(self):
         d = "(q_pos - kv_pos)"
         return f"(({d} >= 0) & (({d} < {self.local}) | (({d} > 0) & (({d} & ({d} - 1)) == 0))))"
-
-    def to_spec(self):
-        return {"power": self.local}
-
-    @property
-    def name(self):
-        return f"power{self.local}"

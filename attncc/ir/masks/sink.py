@@ -5,22 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from attncc.ir.masks.args import POS, need_int
-from attncc.ir.masks.base import Mask, on_grid, on_pairs, register
+from attncc.ir.masks.args import POS, IntArg
+from attncc.ir.masks.base import on_grid, on_pairs, register
 
 
 @register("sink", "kv < N", POS)
 @dataclass(frozen=True)
-class Sink(Mask):
+class Sink(IntArg):
     """kv < n."""
 
     n: int
     kind: ClassVar[str] = "sink"
     tight: ClassVar[str] = "always"
-
-    @classmethod
-    def parse(cls, arg, path, child):
-        return cls(need_int(arg, path, cls.kind))
 
     def dense(self, h, q, kv, q_len, kv_len):
         return on_grid(h, q, kv, kv < self.n)
@@ -30,10 +26,3 @@ class Sink(Mask):
 
     def triton(self):
         return f"(kv_pos < {self.n})"
-
-    def to_spec(self):
-        return {self.kind: self.n}
-
-    @property
-    def name(self):
-        return f"{self.kind}{self.n}"

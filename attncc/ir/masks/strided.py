@@ -7,23 +7,19 @@ from typing import ClassVar
 
 import torch
 
-from attncc.ir.masks.args import POS, need_int
-from attncc.ir.masks.base import Mask, dist_bounds, on_grid, register
+from attncc.ir.masks.args import POS, IntArg
+from attncc.ir.masks.base import dist_bounds, on_grid, register
 
 
 @register("strided", "(q - kv) % S == 0", POS)
 @dataclass(frozen=True)
-class Strided(Mask):
+class Strided(IntArg):
     """(q - kv) % stride == 0 (both directions; compose with causal for the past only)."""
 
     stride: int
     kind: ClassVar[str] = "strided"
     tight: ClassVar[str] = "contiguous"
     distance_only: ClassVar[bool] = True
-
-    @classmethod
-    def parse(cls, arg, path, child):
-        return cls(need_int(arg, path, "strided"))
 
     def dense(self, h, q, kv, q_len, kv_len):
         return on_grid(h, q, kv, (q - kv) % self.stride == 0)
@@ -39,10 +35,3 @@ class Strided(Mask):
     def triton(self):
         # Triton's % follows C (sign of the dividend); take |q - kv| first.
         return f"((tl.abs(q_pos - kv_pos) % {self.stride}) == 0)"
-
-    def to_spec(self):
-        return {"strided": self.stride}
-
-    @property
-    def name(self):
-        return f"strided{self.stride}"
