@@ -95,7 +95,11 @@ def _explain(args: argparse.Namespace) -> int:
     )
     print(_table(rows, ["layer", "rule", "heads", "density", "empty", "partial", "full", "visited", "mask"]))
     if args.png:
-        _draw(args.png, layers_of)
+        try:
+            _draw(args.png, layers_of)
+        except ImportError as e:
+            print(f"error: --png needs matplotlib ({e}); pip install matplotlib", file=sys.stderr)
+            return 1
         print(f"block map written to {args.png}")
     return 0
 

@@ -1,3 +1,3 @@
 """Graph passes of the attncc pipeline, one per file, in the order they run (see ``pipeline.py``):
-normalize, detect-attention, bind-spec, rewrite, thread-selections. Above the runtime and
+normalize, detect, bind, rewrite, thread-selections. Above the runtime and
 codegen; below the backend."""

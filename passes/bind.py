@@ -95,7 +95,7 @@ def bind(spec: Spec, sites: list[AttentionSite], strict: bool = False) -> BindRe
 class Bind:
     """Spec rule -> AttentionPlan for every detected site; sites no rule matches stay as they are."""
 
-    name: ClassVar[str] = "bind-spec"
+    name: ClassVar[str] = "bind"
     spec: Spec
     strict: bool = False
 

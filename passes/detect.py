@@ -844,7 +844,7 @@ def detect(gm: fx.GraphModule) -> DetectResult:
 class Detect:
     """Find every attention site in canonical roles, with the model's own mask recovered."""
 
-    name: ClassVar[str] = "detect-attention"
+    name: ClassVar[str] = "detect"
 
     def __call__(self, gm: fx.GraphModule) -> DetectResult:
         return detect(gm)

@@ -46,8 +46,10 @@ class RewriteResult:
 
 
 class _Emitter:
-    def __init__(self, graph: fx.Graph, site: AttentionSite):
-        self.graph, self.site = graph, site
+    def __init__(self, graph: fx.Graph, site: AttentionSite, replaced: dict[fx.Node, fx.Node]):
+        # ``replaced``: outputs of sites rewritten before this one -> the nodes that took their place
+        # (a site may read another's output directly)
+        self.graph, self.site, self.replaced = graph, site, replaced
         self.meta = {
             k: site.out.meta[k] for k in ("nn_module_stack", "stack_trace", "source_fn_stack") if k in site.out.meta
         }
@@ -81,7 +83,7 @@ class _Emitter:
         site = self.site
         # [B*Hkv] splits with the query's batch size, [B*H] with the head count
         split = (site.batch_size, -1) if kv else (-1, site.num_heads)
-        return self.to_bhsd(op.node, op.roles, site.batch + [seq, dim], split)
+        return self.to_bhsd(self.replaced.get(op.node, op.node), op.roles, site.batch + [seq, dim], split)
 
     def mask(self, terms: list[MaskTerm]) -> fx.Node | None:
         site = self.site
@@ -90,7 +92,7 @@ class _Emitter:
         allowed: fx.Node | None = None
         additive: fx.Node | None = None
         for t in terms:
-            m = t.node
+            m = self.replaced.get(t.node, t.node)
             nd = tensor_val(m).dim()
             for _ in range(n - nd):
                 m = self.method("unsqueeze", m, 0)
@@ -165,11 +167,16 @@ def _first_dim_after(node: fx.Node) -> int | None:
     return int(shape[0]) if shape and not isinstance(shape[0], torch.SymInt) else None
 
 
-def rewrite_site(gm: fx.GraphModule, bound: BoundSite, executor: str) -> RewrittenSite:
-    """Replace one bound site's subgraph by an ``attncc::attention`` call and the layout ops around it."""
+def rewrite_site(
+    gm: fx.GraphModule, bound: BoundSite, executor: str, replaced: dict[fx.Node, fx.Node] | None = None
+) -> RewrittenSite:
+    """Replace one bound site's subgraph by an ``attncc::attention`` call and the layout ops around
+    it; ``replaced`` maps the outputs of sites already rewritten to their replacements (and gets
+    this site's)."""
     graph, site = gm.graph, bound.site
+    replaced = {} if replaced is None else replaced
     plan_key = registry.register_plan(bound.plan)
-    em = _Emitter(graph, site)
+    em = _Emitter(graph, site, replaced)
     with graph.inserting_before(site.out):
         q = em.operand(site.q, "q", "d", kv=False)
         k = em.operand(site.k, "k", "d", kv=True)
@@ -195,6 +202,7 @@ def rewrite_site(gm: fx.GraphModule, bound: BoundSite, executor: str) -> Rewritt
         if isinstance(want, torch.Tensor) and want.dtype != site.dtype:
             out = em.method("to", out, want.dtype)
     site.out.replace_all_uses_with(out)
+    replaced[site.out] = out
     _erase_dead(graph, site)
     return RewrittenSite(bound, plan_key, call)
 
@@ -214,7 +222,8 @@ def _erase_dead(graph: fx.Graph, site: AttentionSite) -> None:
 
 def rewrite(gm: fx.GraphModule, bound: list[BoundSite], executor: str) -> RewriteResult:
     """Replace every bound site; returns the rewritten ones."""
-    done = [rewrite_site(gm, b, executor) for b in bound]
+    replaced: dict[fx.Node, fx.Node] = {}
+    done = [rewrite_site(gm, b, executor, replaced) for b in bound]
     if done:
         commit(gm)
     return RewriteResult(done)

@@ -230,8 +230,8 @@ def test_dump_folder_and_manifest(tmp_path):
     assert [n for n in names if n[:2].isdigit()] == [
         "00_input.txt",
         "01_normalize.txt",
-        "02_detect-attention.txt",
-        "03_bind-spec.txt",
+        "02_detect.txt",
+        "03_bind.txt",
         "04_rewrite.txt",
         "05_thread-selections.txt",
     ]
@@ -326,3 +326,18 @@ def test_config_scope_and_env(monkeypatch):
         _ = config.strict
     with pytest.raises(AttributeError, match="unknown attncc setting"):
         _ = config.nonexistent
+
+
+class Chained(torch.nn.Module):
+    """The second attention's queries are the first attention's output (no projection between)."""
+
+    def forward(self, q, k, v):
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(a, k, v)
+
+
+def test_an_attention_reading_another_attentions_output():
+    q, k, v = qkv(sq=24, skv=24)
+    compiled = compile_(Chained())
+    torch.testing.assert_close(compiled(q, k, v), Chained()(q, k, v), atol=1e-5, rtol=1e-5)
+    assert counters["rewritten"] == 2

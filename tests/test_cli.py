@@ -86,6 +86,7 @@ def test_explain_ready_spec(name, capsys):
 
 
 def test_explain_draws_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     png = tmp_path / "map.png"
     rc = main(
         [
