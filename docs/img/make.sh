@@ -18,6 +18,7 @@ pic strided "{all: [causal, {strided: 12}]}" 128
 pic power "{power: 4}" 128
 pic random_blocks "{random_blocks: {n: 2, seed: 0, block: 16}}" 128
 pic tile3d_raster "{tile3d: {grid: [2, 8, 16], window: [1, 2, 2]}}" 256
+pic neighborhood "{neighborhood: {grid: [1, 12, 16], kernel: [1, 5, 5]}}" 192
 pic streaming "{all: [causal, {any: [{sink: 8}, {window: 32}]}]}" 128
 pic not_window "{all: [causal, {not: {window: 32}}]}" 128
 attncc explain "{attncc: 1, block_size: 16, rules: [{mask: {tile3d: {grid: [2, 8, 16], window: [1, 2, 2]}},
