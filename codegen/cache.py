@@ -125,12 +125,13 @@ class KernelCache:
 
     def __post_init__(self):
         self.root = pathlib.Path(self.root)
-        self._modules: dict[tuple[str, AttentionPlan, str], ModuleType] = {}
-        self._sources: dict[tuple[str, AttentionPlan], tuple[pathlib.Path, str]] = {}
+        # by AttentionPlan.kernel_key(): plans differing only in launch arguments share a module
+        self._modules: dict[tuple[str, tuple, str], ModuleType] = {}
+        self._sources: dict[tuple[str, tuple], tuple[pathlib.Path, str]] = {}
         self._lock = threading.Lock()
 
     def _expected(self, plan: AttentionPlan, family: KernelFamily) -> tuple[pathlib.Path, str]:
-        key = (family.name, plan)
+        key = (family.name, plan.kernel_key())
         hit = self._sources.get(key)
         if hit is None:
             text = family.generate(plan)
@@ -157,7 +158,7 @@ class KernelCache:
 
     def module(self, plan: AttentionPlan, target: str, family: KernelFamily = FORWARD) -> ModuleType:
         """The imported kernel module for ``target`` (``interpret`` or ``cuda``)."""
-        key = (family.name, plan, target)
+        key = (family.name, plan.kernel_key(), target)
         with self._lock:
             mod = self._modules.get(key)
             if mod is not None:

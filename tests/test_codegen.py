@@ -241,9 +241,21 @@ def test_cache_generates_once(tmp_path):
     again.module(plan, "interpret")
     assert again.stats.generated == 0
     assert cache.source_path(plan).read_text() == generate_forward(plan)
-    # a different plan is a different kernel file
-    cache.source(make_plan(M.Causal(), q_len=48))
+    # other lengths, head dims and offsets are launch arguments: the same module serves them
+    other = make_plan(M.Causal(), q_len=48, kv_len=80, head_dim=64, q_offset=32)
+    assert cache.module(other, "interpret") is first and cache.stats.generated == 1
+    # another mask is another kernel file
+    cache.source(make_plan(M.Window(7, 0), q_len=32))
     assert cache.stats.generated == 2
+
+
+def test_a_cached_file_that_differs_is_rewritten_before_import(tmp_path):
+    plan = make_plan(M.Causal(), q_len=32)
+    path = KernelCache(tmp_path).source(plan)
+    path.write_text(path.read_text() + "\nraise RuntimeError('edited')\n")
+    fresh = KernelCache(tmp_path)
+    fresh.module(plan, "interpret")  # imports the regenerated text, not the edited one
+    assert fresh.stats.generated == 1 and path.read_text() == generate_forward(plan)
 
 
 def test_golden_source():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -16,6 +17,11 @@ from attncc.ir.dtypes import DTYPES, DTypeName
 from attncc.ir.permute import TilePermutation
 
 MaskKind = Literal["bool", "additive"]
+#: where the queries sit among the keys: ``start`` (query i at ``q_offset + i``; 0 for prefill and
+#: encoders), ``end`` (at ``kv_len - q_len + i``: new keys appended to a cache) or ``given`` (at
+#: consecutive positions each call passes, from ``q_offset``: keys written into a cache at
+#: ``cache_position``)
+QueryPositions = Literal["start", "end", "given"]
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,9 @@ class AttentionPlan:
     ``[B, H, Sq, Skv]``: bool (True = may attend) or additive float.
 
     ``programs[head_to_program[h]]`` is head ``h``'s final mask: the spec mask already
-    intersected with the model's structural mask. Rows left with no key output zeros.
+    intersected with the model's structural mask, both over absolute positions: key j at j,
+    query i at ``q_offset + i`` (``q_positions`` says where ``q_offset`` comes from; see
+    :meth:`at`). Rows left with no key output zeros.
     """
 
     programs: tuple[M.Mask, ...]
@@ -44,6 +52,7 @@ class AttentionPlan:
     permute: TilePermutation | None = None
     mask_kind: MaskKind | None = None
     q_offset: int = 0
+    q_positions: QueryPositions = "start"
     #: k/v come with a per-(batch, kv head) key order given at call time (PBS-Attn): kernel
     #: slot -> model key position, ``[B, Hkv, Skv]``; queries keep model order
     runtime_key_order: bool = False
@@ -57,6 +66,11 @@ class AttentionPlan:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.mask_kind not in (None, "bool", "additive"):
             raise ValueError(f"mask_kind {self.mask_kind!r} is not None, 'bool' or 'additive'")
+        if self.q_positions not in ("start", "end", "given"):
+            raise ValueError(f"q_positions {self.q_positions!r} is not 'start', 'end' or 'given'")
+        if self.q_positions == "end":
+            # bottom-right: the queries are the last q_len keys
+            object.__setattr__(self, "q_offset", self.kv_len - self.q_len)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"{self.num_heads} query heads do not group into {self.num_kv_heads} kv heads")
         # block tables are built per program from one representative head; a head-dependent mask
@@ -120,6 +134,15 @@ class AttentionPlan:
             **fields,
         )
 
+    def at(self, q_len: int, kv_len: int, q_offset: int | None = None) -> AttentionPlan:
+        """The same plan for a call with these lengths (and, for ``given`` positions, the first
+        query's position): what a graph compiled at one length runs at another."""
+        if q_offset is None:
+            q_offset = self.q_offset
+        if (q_len, kv_len, q_offset) == (self.q_len, self.kv_len, self.q_offset):
+            return self
+        return dataclasses.replace(self, q_len=q_len, kv_len=kv_len, q_offset=q_offset)
+
     @property
     def gqa_group(self) -> int:
         return self.num_heads // self.num_kv_heads
@@ -163,6 +186,8 @@ class AttentionPlan:
             "mask_kind": self.mask_kind,
             "q_offset": self.q_offset,
         }
+        if self.q_positions != "start":  # only when set, so the keys of other plans stay as they were
+            d["q_positions"] = self.q_positions
         if self.runtime_key_order:  # only when set, so the keys of other plans stay as they were
             d["runtime_key_order"] = True
         return d
@@ -173,6 +198,23 @@ class AttentionPlan:
         d.pop("rule")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
+    def kernel_key(self) -> tuple:
+        """What the generated kernel sources depend on: the mask programs, which heads take which,
+        the dtype and a run-time key order. Everything else (lengths, the query offset, head dims,
+        block sizes, the permutation, the model's mask tensor) reaches a kernel at launch, so plans
+        differing only there share one compiled module."""
+        return (self.programs, self.head_to_program, self.dtype, self.runtime_key_order)
+
+    def describe_kernel(self) -> str:
+        """The part of :meth:`describe` a kernel source depends on (:meth:`kernel_key`)."""
+        lines = [
+            f"{self.dtype}; {self.num_heads} heads" + (", keys in a run-time order" if self.runtime_key_order else "")
+        ]
+        for i, p in enumerate(self.programs):
+            lines.append(f"program {i} heads {ranges(self.heads_of(i))}: {p}")
+        lines.append("lengths, offsets, head dims, block sizes, permutation and mask tensor: launch arguments")
+        return "\n".join(lines)
+
     def describe(self) -> str:
         """A human-readable print of the plan."""
         lines = [f"plan {self.key()}  rule={self.rule or '-'}"]
@@ -182,7 +224,7 @@ class AttentionPlan:
         )
         permute = self.permute.to_spec() if self.permute else "none"
         lines.append(
-            f"  blocks {self.block_q}x{self.block_kv}, q_offset {self.q_offset}, "
+            f"  blocks {self.block_q}x{self.block_kv}, {self._positions_text()}, "
             f"permute {permute}, model mask tensor {self.mask_kind or 'none'}"
         )
         if self.runtime_key_order:
@@ -190,6 +232,13 @@ class AttentionPlan:
         for i, p in enumerate(self.programs):
             lines.append(f"  program {i} heads {ranges(self.heads_of(i))}: {p}")
         return "\n".join(lines)
+
+    def _positions_text(self) -> str:
+        if self.q_positions == "end":
+            return f"queries at the end of the keys (q_offset {self.q_offset})"
+        if self.q_positions == "given":
+            return f"queries at the positions each call gives (q_offset {self.q_offset})"
+        return f"q_offset {self.q_offset}"
 
     # -- derived data -----------------------------------------------------------------------
     def program_heads(self) -> list[int]:

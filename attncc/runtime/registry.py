@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 
 from attncc.ir.plan import AttentionPlan
 
 _PLANS: dict[str, AttentionPlan] = {}
-_SIZED: dict[tuple[str, int, int], AttentionPlan] = {}
+_SIZED: dict[tuple[str, int, int, int], AttentionPlan] = {}
+#: re-specialised plans kept (decoding makes one per generated token)
+_SIZED_MAX = 4096
 _LOCK = threading.Lock()
 
 
@@ -20,26 +21,32 @@ def register_plan(plan: AttentionPlan) -> str:
     return key
 
 
-def get_plan(key: str, q_len: int | None = None, kv_len: int | None = None) -> AttentionPlan:
-    """The plan registered under ``key``; with ``q_len``/``kv_len`` different from the plan's
-    (a graph compiled with dynamic sequence lengths), the same plan re-specialised to them."""
+def get_plan(
+    key: str, q_len: int | None = None, kv_len: int | None = None, q_offset: int | None = None
+) -> AttentionPlan:
+    """The plan registered under ``key``, for a call with these lengths and first query position
+    (:meth:`AttentionPlan.at`: a graph compiled with dynamic lengths, or decoding over a cache);
+    unspecified ones keep the plan's."""
     try:
         plan = _PLANS[key]
     except KeyError:
         raise KeyError(
             f"no attncc plan registered under '{key}' (plans live in the process that compiled the graph)"
         ) from None
-    if (q_len is None or q_len == plan.q_len) and (kv_len is None or kv_len == plan.kv_len):
+    q_len = plan.q_len if q_len is None else int(q_len)
+    kv_len = plan.kv_len if kv_len is None else int(kv_len)
+    if q_offset is None:
+        q_offset = kv_len - q_len if plan.q_positions == "end" else plan.q_offset
+    if (q_len, kv_len, q_offset) == (plan.q_len, plan.kv_len, plan.q_offset):
         return plan
-    sized_key = (
-        key,
-        int(q_len if q_len is not None else plan.q_len),
-        int(kv_len if kv_len is not None else plan.kv_len),
-    )
+    sized_key = (key, q_len, kv_len, int(q_offset))
     with _LOCK:
-        if sized_key not in _SIZED:
-            _SIZED[sized_key] = dataclasses.replace(plan, q_len=sized_key[1], kv_len=sized_key[2])
-        return _SIZED[sized_key]
+        hit = _SIZED.get(sized_key)
+        if hit is None:
+            if len(_SIZED) > _SIZED_MAX:
+                _SIZED.clear()
+            hit = _SIZED[sized_key] = plan.at(q_len, kv_len, int(q_offset))
+        return hit
 
 
 def plans() -> dict[str, AttentionPlan]:

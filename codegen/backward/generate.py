@@ -321,7 +321,7 @@ def backward_source(plan: AttentionPlan) -> str:
     names = kernel_names(plan)
     header = [
         f"# attncc backward kernels for pattern '{p}'",
-        *(f"# {line}" for line in plan.describe().splitlines()),
+        *(f"# {line}" for line in plan.describe_kernel().splitlines()),
         "# generated source: dQ and dK/dV recompute P = exp(scale * q.k - lse) per visited block",
         "import triton",
         "import triton.language as tl",

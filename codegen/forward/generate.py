@@ -359,7 +359,7 @@ def generate_forward(plan: AttentionPlan) -> str:
     # fp32 plans keep fp32 accuracy on GPUs too (no TF32)
     dot_kwargs = ', input_precision="ieee"' if plan.dtype == "float32" else ""
     many = len(plan.programs) > 1
-    header = _HEADER.format(name=name, version=__version__, plan=plan.describe())
+    header = _HEADER.format(name=name, version=__version__, plan=plan.describe_kernel())
     kv = plan.runtime_key_order
     # a run-time key order gathers k/v through its row (static permutations are excluded)
     gather = {"kv_gather": "kv_order" if kv else "Order", "kv_perm": "True" if kv else "HAS_PERM"}

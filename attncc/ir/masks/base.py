@@ -98,6 +98,9 @@ class Mask:
     tight: ClassVar[str] = ""
     #: True when the predicate reads only d = q - kv (composites: when all children do).
     distance_only: ClassVar[bool] = False
+    #: False when the predicate never reads the query position (``full``, ``sink``): it means the
+    #: same wherever the queries sit, so it applies even where their positions are unknown.
+    query_free: ClassVar[bool] = False
 
     def dense(self, h: Tensor, q: Tensor, kv: Tensor, q_len: int, kv_len: int) -> Tensor:
         raise NotImplementedError
@@ -145,6 +148,11 @@ class Mask:
     @property
     def depends_on_head(self) -> bool:
         return any(m.uses_head for m in self.walk())
+
+    @property
+    def reads_query(self) -> bool:
+        """True when the predicate depends on the query position somewhere (see ``query_free``)."""
+        return not all(m.query_free or m.children() for m in self.walk())
 
     @property
     def reads_distance_only(self) -> bool:

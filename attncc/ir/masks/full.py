@@ -16,6 +16,7 @@ class Full(Mask):
     kind: ClassVar[str] = "full"
     tight: ClassVar[str] = "always"
     distance_only: ClassVar[bool] = True
+    query_free: ClassVar[bool] = True
 
     def dense(self, h, q, kv, q_len, kv_len):
         return on_grid(h, q, kv, True)

@@ -17,6 +17,7 @@ class Sink(IntArg):
     n: int
     kind: ClassVar[str] = "sink"
     tight: ClassVar[str] = "always"
+    query_free: ClassVar[bool] = True
 
     def dense(self, h, q, kv, q_len, kv_len):
         return on_grid(h, q, kv, kv < self.n)
