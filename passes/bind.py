@@ -9,6 +9,7 @@ from attncc.ir.dtypes import DTYPES, dtype_name
 from attncc.ir.plan import AttentionPlan
 from attncc.passes.detect import AttentionSite
 from attncc.spec import SiteShape, Spec, SpecError, plan_for
+from attncc.spec.resolve import PositionError
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,8 @@ def site_shape(site: AttentionSite) -> SiteShape:
         scale=site.scale,
         model_mask=site.model_mask,
         mask_kind=site.mask_kind,
+        q_positions=site.positions.kind,
+        q_offset=site.q_offset,
         heads_known=site.heads_known,
     )
 
@@ -66,7 +69,14 @@ def bind(spec: Spec, sites: list[AttentionSite], strict: bool = False) -> BindRe
         if site.dtype not in supported:
             unsupported.append((site, f"dtype {site.dtype} is not supported"))
             continue
-        plan = plan_for(spec, site_shape(site))
+        try:
+            plan = plan_for(spec, site_shape(site))
+        except PositionError as e:
+            # the model's attention is left as written, and said so; strict makes it an error
+            if strict:
+                raise
+            unsupported.append((site, str(e)))
+            continue
         index = spec.match(site.layer, site.module)
         if plan is None or index is None:
             unbound.append(site)

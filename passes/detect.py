@@ -30,6 +30,7 @@ from attncc.passes.graph import (
     to_networkx,
     val,
 )
+from attncc.passes.positions import QueryPositions, query_positions, same_size
 from attncc.passes.spelling import kind
 
 Role = str  # "b0", "b1", ... batch; "q", "k" sequence; "d" qk dim; "e" value dim
@@ -99,6 +100,12 @@ class AttentionSite:
     heads_known: bool = True
     gqa: str = "none"
     is_causal: bool = False
+    #: the scale when the model reads it at run time (``scale`` is then a nominal value)
+    runtime_scale: RuntimeScale | None = None
+    #: where the queries sit among the keys (set by detection, see passes/positions.py), and the
+    #: first query's position when the model's own mask fixes it
+    positions: QueryPositions = QueryPositions("start", "")
+    q_offset: int = 0
     notes: list[str] = field(default_factory=list)
 
     # -- shapes ----------------------------------------------------------------------------------
@@ -399,13 +406,62 @@ def _scalar(x: object, g: nx.DiGraph) -> float | None:
     return None
 
 
+@dataclass(frozen=True)
+class RuntimeScale:
+    """A softmax scale the model reads at run time: ``factor * tensor`` (``factor / tensor`` when
+    ``divide``), ``tensor`` a 0-d graph value (a module's float attribute, which Dynamo passes as
+    an input under dynamic shapes)."""
+
+    tensor: fx.Node
+    factor: float = 1.0
+    divide: bool = False
+
+    def times(self, c: float) -> RuntimeScale:
+        return RuntimeScale(self.tensor, self.factor * c, self.divide)
+
+
+def _runtime_scalar(x: object) -> RuntimeScale | None:
+    """``x`` as a run-time scale: a 0-d tensor, or a Python number read from one (``.item()``)."""
+    if not isinstance(x, fx.Node):
+        return None
+    if kind(x) == "item" and x.args and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    v = maybe_tensor(x)
+    if v is None or v.dim() != 0 or not v.dtype.is_floating_point:
+        return None
+    return RuntimeScale(x)
+
+
 # -- structural mask recovery -------------------------------------------------------------------
-def recover_structure(g: nx.DiGraph, term: MaskTerm, score_shape: tuple[int, ...]) -> tuple[M.Mask | None, str]:
-    """Prove a mask term equal to full / causal / a sliding window when it is a function of
-    positions only. Returns (mask or None, explanation)."""
+def _symbolic(nodes: list[fx.Node]) -> bool:
+    """Whether any value in ``nodes`` has a symbolic size (the graph runs at other lengths too)."""
+    for n in nodes:
+        v = val(n)
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return True
+        if isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape):
+            return True
+    return False
+
+
+def recover_structure(
+    g: nx.DiGraph, term: MaskTerm, score_shape: tuple[int, ...], q_offset: int | None = 0, placing: bool = False
+) -> tuple[M.Mask | None, str]:
+    """Prove a mask term equal to full / causal / a sliding window over absolute positions (query
+    row i at ``q_offset + i``) when it is a function of positions and sizes only, for every shape
+    the graph will see. Returns (mask or None, explanation); None keeps it a run-time tensor.
+    ``placing``: the offset is a guess to be confirmed, so only masks that read the query position
+    (causal, a window) confirm it; ``full`` says nothing about where the queries are."""
     nodes = constant_subgraph(g, term.node)
     if nodes is None:
         return None, "depends on input data: kept as a runtime tensor"
+    if _symbolic(nodes):
+        return None, (
+            "computed from symbolic sizes (the graph runs at other lengths): a structure proven at one "
+            "length would not hold at the others, kept as a runtime tensor"
+        )
+    if q_offset is None:
+        return None, "the queries' positions are known only at run time: kept as a runtime tensor"
     value = evaluate(nodes)
     if not isinstance(value, torch.Tensor):
         return None, "not a tensor"
@@ -433,15 +489,17 @@ def recover_structure(g: nx.DiGraph, term: MaskTerm, score_shape: tuple[int, ...
         return None, "differs across batch or heads: kept as a runtime tensor"
     if not bool(pattern.any(-1).all()):
         return None, "has query rows with no allowed key: kept as a runtime tensor"
-    for cand in _candidates(pattern):
-        if torch.equal(M.dense(cand, sq, skv)[0], pattern):
-            return cand, f"proven {cand}"
+    for cand in _candidates(pattern, q_offset):
+        if placing and not cand.reads_query:
+            continue
+        if torch.equal(M.dense(cand, sq, skv, q_offset=q_offset)[0], pattern):
+            return cand, f"proven {cand}" + (f" (queries at positions {q_offset}..)" if q_offset else "")
     return None, "positions-only mask that is not full / causal / a window: kept as a runtime tensor"
 
 
-def _candidates(pattern: torch.Tensor) -> list[M.Mask]:
+def _candidates(pattern: torch.Tensor, q_offset: int) -> list[M.Mask]:
     sq, skv = pattern.shape
-    q = torch.arange(sq).view(-1, 1)
+    q = torch.arange(sq).view(-1, 1) + q_offset
     kv = torch.arange(skv).view(1, -1)
     d = (q - kv).expand(sq, skv)
     before = int(d[pattern].max())
@@ -496,8 +554,34 @@ class _Detector:
             **kw,
         )
         self._split_batch(site)
+        self._place_queries(site)
         self._recover_masks(site)
         return site
+
+    def _place_queries(self, site: AttentionSite) -> None:
+        """Where the queries sit among the keys (passes/positions.py). SDPA's ``is_causal`` is
+        aligned top-left (key j <= query row i) by definition, which is the model's positions only
+        when the first query sits at key 0: over a cache whose positions are given per call that is
+        checked at run time; over keys the queries were appended to, the model's own attention
+        is left as written."""
+        q_len, kv_len = site.q.size("q"), site.k.size("k")
+        pos = query_positions(site.k.node, site.k.roles.index("k"), q_len, kv_len, site.nodes[0])
+        site.notes.append(f"query positions: {pos.kind} ({pos.why})")
+        if site.is_causal and pos.kind == "end" and same_size(q_len, kv_len):
+            # an empty cache: top-left and bottom-right agree
+            pos = QueryPositions("start", pos.why + " (empty: as many queries as keys)")
+        if site.is_causal and pos.kind == "end":
+            raise NotASite(
+                "is_causal over keys the queries were appended to: SDPA aligns it top-left (query i sees keys "
+                "0..i), not at the queries' positions at the end of the keys; left as the model wrote it"
+            )
+        if site.is_causal and pos.kind == "given":
+            # top-left causal needs the first query at key 0: kept as 'start', the op checks the positions
+            pos = QueryPositions("start", pos.why + "; is_causal: the first position must be 0", pos.node)
+        if site.is_causal and pos.kind == "unknown":
+            # the model's own mask says where the queries are: SDPA's is_causal puts query i at key i
+            pos = QueryPositions("start", "is_causal: the model puts query i at key i (SDPA's top-left alignment)")
+        site.positions = pos
 
     def _split_batch(self, site: AttentionSite) -> None:
         """For [B*H, S, D] operands, find H from the reshape that merged batch and heads."""
@@ -536,8 +620,24 @@ class _Detector:
                 shape[i] = site.kv_len
             else:
                 shape[i] = max(_hint(site.q.size(r)), _hint(site.k.size(r)))
+        # a structure is recovered over absolute positions, so the queries' offset must be known now
+        offset = {"start": 0, "end": site.kv_len - site.q_len}.get(site.positions.kind)
+        if site.positions.node is not None:
+            offset = None
         for t in site.terms:
-            t.structural, why = recover_structure(self.g, t, tuple(shape))
+            if site.positions.kind == "unknown":
+                # the model's own mask may say where the queries are: causal from the first or the last key
+                for candidate in sorted({0, site.kv_len - site.q_len}):
+                    t.structural, why = recover_structure(self.g, t, tuple(shape), candidate, placing=True)
+                    if t.structural is not None:
+                        site.positions = QueryPositions("start", f"the model's mask {t.node.name} is {why}")
+                        site.q_offset = candidate
+                        break
+                if t.structural is not None:
+                    offset = site.q_offset
+                    site.notes.append(f"mask {t.node.name} ({t.kind}): {why}")
+                    continue
+            t.structural, why = recover_structure(self.g, t, tuple(shape), offset)
             site.notes.append(f"mask {t.node.name} ({t.kind}): {why}")
 
     # -- F.scaled_dot_product_attention --------------------------------------------------------
@@ -565,8 +665,11 @@ class _Detector:
         if scale is None:
             scale = 1.0 / math.sqrt(vq.shape[-1])
         scale_v = _scalar(scale, self.g)
+        runtime_scale = None if scale_v is not None else _runtime_scalar(scale)
+        if scale_v is None and runtime_scale is None:
+            raise NotASite(f"scale {scale} is neither a compile-time constant nor a run-time scalar")
         if scale_v is None:
-            raise NotASite(f"scale {scale} is not a compile-time constant")
+            scale_v = 1.0 / math.sqrt(vq.shape[-1])
         terms = []
         if isinstance(mask, fx.Node):
             mv = maybe_tensor(mask)
@@ -594,13 +697,12 @@ class _Detector:
             score_roles=batch + ["q", "k"],
             batch=batch,
             scale=scale_v,
+            runtime_scale=runtime_scale,
             terms=terms,
             nodes=[node],
             gqa=gqa,
             is_causal=is_causal,
         )
-        if is_causal and site.q_len != site.kv_len:
-            site.notes.append("is_causal with q_len != kv_len: top-left aligned (kv <= q), as SDPA defines it")
         return site
 
     # -- softmax(QK^T * scale + mask) V --------------------------------------------------------
@@ -630,7 +732,9 @@ class _Detector:
                 f"intermediate {n.name} of the attention is also used by {u.name}; rewriting would "
                 f"change what {u.name} sees"
             )
-        scale, terms = self._scale_and_terms(ops, qk)
+        scale, runtime_scale, terms = self._scale_and_terms(ops, qk)
+        if runtime_scale is not None:
+            scale = runtime_scale.factor / math.sqrt(self._head_dim(qo))
         gqa = "none"
         if len(batch) == 2:
             ks, rk = strip_kv_repeat(ko, "b1")
@@ -648,10 +752,15 @@ class _Detector:
             score_roles=score_roles,
             batch=batch,
             scale=scale,
+            runtime_scale=runtime_scale,
             terms=terms,
             nodes=[qk] + chain[::-1] + [sm] + post + [pv],
             gqa=gqa,
         )
+
+    @staticmethod
+    def _head_dim(q: Operand) -> int:
+        return int(q.size("d"))
 
     def _scores_to_product(self, sm: fx.Node) -> tuple[fx.Node, list[fx.Node], list[tuple]]:
         """From a softmax over the last dim back to the QK product: (product, the score ops between
@@ -729,16 +838,26 @@ class _Detector:
             raise NotASite(f"{pv.name} is not a P @ V product over the key axis (labels {lp},{lv}->{lpo})")
         return look_through(vnode, vroles), oroles
 
-    def _scale_and_terms(self, ops: list[tuple], qk: fx.Node) -> tuple[float, list[MaskTerm]]:
-        """The product of the score scales, and the mask terms in score units (a term added
-        before a scale is scaled with the scores)."""
+    def _scale_and_terms(
+        self, ops: list[tuple], qk: fx.Node
+    ) -> tuple[float, RuntimeScale | None, list[MaskTerm]]:
+        """The product of the score scales (constant, and at most one read at run time), and the
+        mask terms in score units (a term added before a scale is scaled with the scores)."""
         scale = 1.0
+        runtime: RuntimeScale | None = None
         terms: list[MaskTerm] = []
         for op in reversed(ops):
             if op[0] == "scale":
                 scale *= op[1]
                 for t in terms:
                     t.factor *= op[1]
+            elif op[0] == "runtime_scale":
+                if runtime is not None or terms:
+                    raise NotASite(
+                        "a run-time scale that multiplies a mask or another run-time scale: only one "
+                        "run-time scale of the scores themselves is supported"
+                    )
+                runtime = op[1]
             elif op[0] == "term":
                 t = op[1]
                 if depends_on(self.g, t.node, {qk}):
@@ -748,9 +867,11 @@ class _Detector:
                 if getattr(val(t.node), "requires_grad", False):
                     raise NotASite(f"mask {t.node.name} requires grad; attncc treats masks as constants")
                 terms.append(t)
-        if scale <= 0:
+        if runtime is not None:
+            runtime = runtime.times(scale)
+        elif scale <= 0:
             raise NotASite(f"scale {scale} is not positive")
-        return scale, terms
+        return scale, runtime, terms
 
     def _score_step(self, cur: fx.Node, k: str | None, ops: list[tuple]) -> fx.Node | None:
         """One step from the scores towards QK: records scale/mask ops, returns the next node."""
@@ -761,12 +882,19 @@ class _Detector:
             a, b = args[0], args[1] if len(args) > 1 else cur.kwargs.get("other")
             for chain_side, other in ((a, b), (b, a)):
                 if isinstance(chain_side, fx.Node) and self._reaches_product(chain_side):
-                    c = _scalar(other, self.g)
-                    if c is None:
-                        raise NotASite(f"{cur.name} scales the scores by {other}, which is not a compile-time constant")
                     if k == "div" and chain_side is b:
                         return None
-                    ops.append(("scale", c if k == "mul" else 1.0 / c))
+                    c = _scalar(other, self.g)
+                    if c is not None:
+                        ops.append(("scale", c if k == "mul" else 1.0 / c))
+                        return chain_side
+                    runtime = _runtime_scalar(other)
+                    if runtime is None:
+                        raise NotASite(
+                            f"{cur.name} scales the scores by {other}, neither a compile-time constant "
+                            "nor a run-time scalar"
+                        )
+                    ops.append(("runtime_scale", RuntimeScale(runtime.tensor, 1.0, k == "div")))
                     return chain_side
             return None
         if k == "add":

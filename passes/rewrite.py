@@ -85,6 +85,15 @@ class _Emitter:
         split = (site.batch_size, -1) if kv else (-1, site.num_heads)
         return self.to_bhsd(self.replaced.get(op.node, op.node), op.roles, site.batch + [seq, dim], split)
 
+    def scale(self) -> fx.Node | None:
+        """The run-time scale as a 0-d tensor node, or None when the plan's scale is a constant."""
+        r = self.site.runtime_scale
+        if r is None:
+            return None
+        if r.divide:
+            return self.function(operator.truediv, r.factor, r.tensor)
+        return self.function(operator.mul, r.tensor, r.factor)
+
     def mask(self, terms: list[MaskTerm]) -> fx.Node | None:
         site = self.site
         n = len(site.score_roles)
@@ -187,7 +196,8 @@ def rewrite_site(
                 k = em.method("expand", k, site.q.size(b_role), -1, -1, -1)
                 v = em.method("expand", v, site.q.size(b_role), -1, -1, -1)
         mask = em.mask(site.runtime_terms)
-        call = em.function(torch.ops.attncc.attention.default, q, k, v, mask, plan_key, executor)
+        positions, scale = site.positions.node, em.scale()
+        call = em.function(torch.ops.attncc.attention.default, q, k, v, mask, positions, scale, plan_key, executor)
         out = em.function(operator.getitem, call, 0)
         canon = site.batch + ["q", "e"]
         nb = len(site.batch)

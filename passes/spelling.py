@@ -46,6 +46,10 @@ FUNCTIONS: dict[object, str] = {
     torch._C._nn.scaled_dot_product_attention: "sdpa",
     torch.logical_not: "not",
     operator.invert: "not",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    torch.concatenate: "cat",
+    torch.index_copy: "index_copy",
 }
 #: ``call_method`` names -> canonical names
 METHODS: dict[str, str] = {
@@ -81,6 +85,9 @@ METHODS: dict[str, str] = {
     "logical_not": "not",
     "__invert__": "not",
     "mT": "mT",
+    "index_copy": "index_copy",
+    "index_copy_": "index_copy",
+    "item": "item",
 }
 
 

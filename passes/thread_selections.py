@@ -116,8 +116,8 @@ class _Threader:
     occurrences: Counter[str] = field(default_factory=Counter)
 
     def permute(self, site: RewrittenSite, segment: int) -> None:
-        q, k, v, mask, plan_key, executor = site.call.args
-        args = (q, k, v, mask, plan_key, executor, segment)
+        q, k, v, mask, positions, scale, plan_key, executor = site.call.args
+        args = (q, k, v, mask, positions, scale, plan_key, executor, segment)
         _retarget(self.gm.graph, site, torch.ops.attncc.attention_permuted.default, args)
         self.result.permuted.append(site)
 
@@ -164,8 +164,8 @@ class _Threader:
         producer = self.producer_of(n, site, source)
         _check_link(self.spec, site, producer)
         sel = self.selection_of(site, producer)
-        q, k, v, mask, plan_key, executor = site.call.args
-        args = (q, k, v, mask, sel, plan_key, executor)
+        q, k, v, mask, positions, scale, plan_key, executor = site.call.args
+        args = (q, k, v, mask, positions, scale, sel, plan_key, executor)
         _retarget(self.gm.graph, site, torch.ops.attncc.attention_reuse.default, args)
         self.selection[site.site.index] = sel
         self.result.links.append((producer, site))
@@ -181,8 +181,9 @@ class _Threader:
         where = f"{site.site.module or '<top>'}@{site.site.layer}"
         site_key = f"{where}#{self.occurrences[where]}"
         self.occurrences[where] += 1
-        q, k, v, mask, plan_key, executor = site.call.args
-        args = (q, k, v, mask, plan_key, registry.register_plan(dense), executor, self.cache.key, site_key)
+        q, k, v, mask, positions, scale, plan_key, executor = site.call.args
+        dense_key = registry.register_plan(dense)
+        args = (q, k, v, mask, positions, scale, plan_key, dense_key, executor, self.cache.key, site_key)
         _retarget(self.gm.graph, site, torch.ops.attncc.attention_cached.default, (*args, dense_first, refresh_every))
         self.result.cached.append((site, site_key))
 

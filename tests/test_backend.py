@@ -147,7 +147,7 @@ def test_op_reference_backward_gradcheck():
     v = torch.randn(1, 1, 9, 4, dtype=torch.float64, generator=g, requires_grad=True)
     mask = torch.randn(1, 1, 9, 9, dtype=torch.float64, generator=g)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: torch.ops.attncc.attention(q, k, v, mask, key, "reference")[0], (q, k, v)
+        lambda q, k, v: torch.ops.attncc.attention(q, k, v, mask, None, None, key, "reference")[0], (q, k, v)
     )
 
 
@@ -170,7 +170,7 @@ def test_fake_impl_shapes():
     key = registry.register_plan(_plan(h=4, hkv=2, s=8, d=4, causal=False))
     with FakeTensorMode():
         q, k, v = torch.empty(3, 4, 8, 4), torch.empty(3, 2, 8, 4), torch.empty(3, 2, 8, 4)
-        out, lse = torch.ops.attncc.attention(q, k, v, None, key, "reference")
+        out, lse = torch.ops.attncc.attention(q, k, v, None, None, None, key, "reference")
     assert tuple(out.shape) == (3, 4, 8, 4) and tuple(lse.shape) == (3, 4, 8) and lse.dtype == torch.float32
 
 

@@ -150,14 +150,14 @@ def test_selection_threads_through_the_graph_as_a_value_under_interpret():
     g = torch.Generator().manual_seed(0)
     q1, q2 = torch.randn(2, 1, 2, 50, 16, generator=g)
     k, v = torch.randn(2, 1, 1, 50, 16, generator=g)
-    out1, _, selected = torch.ops.attncc.attention_select(q1, k, v, None, key, "interpret")
-    out2, _ = torch.ops.attncc.attention_reuse(q2, k, v, None, selected, key, "interpret")
+    out1, _, selected = torch.ops.attncc.attention_select(q1, k, v, None, None, None, key, "interpret")
+    out2, _ = torch.ops.attncc.attention_reuse(q2, k, v, None, None, None, selected, key, "interpret")
     assert torch.equal(selected, S.select_blocks(plan, q1, k))
     for q, out in ((q1, out1), (q2, out2)):
         ref, _ = S.attend(plan, q, k, v, None, selected)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"rule 'r'.*needs bool \(1, 2, 4, 4\)"):
-        torch.ops.attncc.attention_reuse(q2, k, v, None, selected[:, :1], key, "torch")
+        torch.ops.attncc.attention_reuse(q2, k, v, None, None, None, selected[:, :1], key, "torch")
 
 
 class Attn(torch.nn.Module):

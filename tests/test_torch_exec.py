@@ -30,7 +30,7 @@ def plan_of(*programs, **kw) -> AttentionPlan:
 
 def attend(plan, q, k, v, mask=None):
     """``(out, lse)`` of the torch executor through the custom op (differentiable)."""
-    return torch.ops.attncc.attention(q, k, v, mask, register_plan(plan), "torch")
+    return torch.ops.attncc.attention(q, k, v, mask, None, None, register_plan(plan), "torch")
 
 
 def causal_window(n):

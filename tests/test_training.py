@@ -106,7 +106,7 @@ def test_op_and_its_backward_appear_in_the_aot_graphs():
         return compiler
 
     def f(q, k, v):
-        return torch.ops.attncc.attention(q, k, v, None, key, executor)[0].square().sum()
+        return torch.ops.attncc.attention(q, k, v, None, None, None, key, executor)[0].square().sum()
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (

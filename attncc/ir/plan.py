@@ -134,14 +134,15 @@ class AttentionPlan:
             **fields,
         )
 
-    def at(self, q_len: int, kv_len: int, q_offset: int | None = None) -> AttentionPlan:
-        """The same plan for a call with these lengths (and, for ``given`` positions, the first
-        query's position): what a graph compiled at one length runs at another."""
-        if q_offset is None:
-            q_offset = self.q_offset
-        if (q_len, kv_len, q_offset) == (self.q_len, self.kv_len, self.q_offset):
+    def at(self, q_len: int, kv_len: int, q_offset: int | None = None, scale: float | None = None) -> AttentionPlan:
+        """The same plan for a call with these lengths (for ``given`` positions, the first query's
+        position; for a scale the model reads at run time, its value): what a graph compiled at one
+        shape runs at another."""
+        q_offset = self.q_offset if q_offset is None else q_offset
+        scale = self.scale if scale is None else scale
+        if (q_len, kv_len, q_offset, scale) == (self.q_len, self.kv_len, self.q_offset, self.scale):
             return self
-        return dataclasses.replace(self, q_len=q_len, kv_len=kv_len, q_offset=q_offset)
+        return dataclasses.replace(self, q_len=q_len, kv_len=kv_len, q_offset=q_offset, scale=scale)
 
     @property
     def gqa_group(self) -> int:

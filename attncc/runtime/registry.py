@@ -7,7 +7,7 @@ import threading
 from attncc.ir.plan import AttentionPlan
 
 _PLANS: dict[str, AttentionPlan] = {}
-_SIZED: dict[tuple[str, int, int, int], AttentionPlan] = {}
+_SIZED: dict[tuple[str, int, int, int, float], AttentionPlan] = {}
 #: re-specialised plans kept (decoding makes one per generated token)
 _SIZED_MAX = 4096
 _LOCK = threading.Lock()
@@ -22,11 +22,15 @@ def register_plan(plan: AttentionPlan) -> str:
 
 
 def get_plan(
-    key: str, q_len: int | None = None, kv_len: int | None = None, q_offset: int | None = None
+    key: str,
+    q_len: int | None = None,
+    kv_len: int | None = None,
+    q_offset: int | None = None,
+    scale: float | None = None,
 ) -> AttentionPlan:
-    """The plan registered under ``key``, for a call with these lengths and first query position
-    (:meth:`AttentionPlan.at`: a graph compiled with dynamic lengths, or decoding over a cache);
-    unspecified ones keep the plan's."""
+    """The plan registered under ``key``, for a call with these lengths, first query position and
+    scale (:meth:`AttentionPlan.at`: a graph compiled with dynamic shapes, or decoding over a
+    cache); unspecified ones keep the plan's."""
     try:
         plan = _PLANS[key]
     except KeyError:
@@ -37,15 +41,16 @@ def get_plan(
     kv_len = plan.kv_len if kv_len is None else int(kv_len)
     if q_offset is None:
         q_offset = kv_len - q_len if plan.q_positions == "end" else plan.q_offset
-    if (q_len, kv_len, q_offset) == (plan.q_len, plan.kv_len, plan.q_offset):
+    scale = plan.scale if scale is None else float(scale)
+    if (q_len, kv_len, q_offset, scale) == (plan.q_len, plan.kv_len, plan.q_offset, plan.scale):
         return plan
-    sized_key = (key, q_len, kv_len, int(q_offset))
+    sized_key = (key, q_len, kv_len, int(q_offset), scale)
     with _LOCK:
         hit = _SIZED.get(sized_key)
         if hit is None:
             if len(_SIZED) > _SIZED_MAX:
                 _SIZED.clear()
-            hit = _SIZED[sized_key] = plan.at(q_len, kv_len, int(q_offset))
+            hit = _SIZED[sized_key] = plan.at(q_len, kv_len, int(q_offset), scale)
         return hit
 
 

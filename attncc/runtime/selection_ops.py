@@ -4,14 +4,14 @@ Same layout contract as :mod:`attncc.runtime.ops` (q ``[B, H, Sq, D]``, k/v ``[B
 ``[B, H, Sq, Dv]``, lse ``[B, H, Sq]`` fp32, model order); a selection is a bool tensor
 ``[B, H, nq, nk]`` over the plan's kernel blocks (True: the selector keeps the block pair).
 
-* ``attention_select(q, k, v, mask, plan_key, executor) -> (out, lse, selected)``: a producing
+* ``attention_select(q, k, v, mask, positions, scale, plan_key, executor) -> (out, lse, selected)``: a producing
   site; ``selected`` is an ordinary graph value that later sites take as an input.
-* ``attention_reuse(q, k, v, mask, selected, plan_key, executor) -> (out, lse)``: a consuming
+* ``attention_reuse(q, k, v, mask, positions, scale, selected, plan_key, executor) -> (out, lse)``: a consuming
   site; no estimation, the selection comes in.
-* ``attention_cached(q, k, v, mask, plan_key, dense_key, executor, cache_key, site_key,
+* ``attention_cached(q, k, v, mask, positions, scale, plan_key, dense_key, executor, cache_key, site_key,
   dense_first, refresh_every) -> (out, lse)``: call reuse; the state is in the
   :class:`attncc.runtime.selection_cache.SelectionCache` named by ``cache_key`` (outside the graph).
-* ``attention_permuted(q, k, v, mask, plan_key, executor, segment) -> (out, lse)``: keys sorted
+* ``attention_permuted(q, k, v, mask, positions, scale, plan_key, executor, segment) -> (out, lse)``: keys sorted
   by importance inside segments at run time, selection in that order.
 
 No gradients: plans with selectors have no backward yet (autograd raises at backward time).
@@ -42,16 +42,20 @@ def _fake_out(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("attncc::attention_select", mutates_args=())
 def attention_select(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, plan_key: str, executor: str
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+    positions: Tensor | None,
+    scale: Tensor | None,
+    plan_key: str,
+    executor: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    plan = plan_of(plan_key, q, k)
+    plan = plan_of(plan_key, q, k, positions, scale)
     selected = executors.select(plan, q, k, v, mask, executor)
     out, lse = executors.attend(plan, q, k, v, mask, selected, executor)
     return out.contiguous(), lse.contiguous(), selected.contiguous()
 
 
 @attention_select.register_fake
-def _attention_select_fake(q, k, v, mask, plan_key, executor):
+def _attention_select_fake(q, k, v, mask, positions, scale, plan_key, executor):
     plan = registry.get_plan(plan_key)
     b, h, sq, _ = q.shape
     nq = (sq + plan.block_q - 1) // plan.block_q
@@ -62,9 +66,17 @@ def _attention_select_fake(q, k, v, mask, plan_key, executor):
 
 @torch.library.custom_op("attncc::attention_reuse", mutates_args=())
 def attention_reuse(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, selected: Tensor, plan_key: str, executor: str
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    positions: Tensor | None,
+    scale: Tensor | None,
+    selected: Tensor,
+    plan_key: str,
+    executor: str,
 ) -> tuple[Tensor, Tensor]:
-    plan = plan_of(plan_key, q, k)
+    plan = plan_of(plan_key, q, k, positions, scale)
     out, lse = executors.attend(plan, q, k, v, mask, selected, executor)
     return out.contiguous(), lse.contiguous()
 
@@ -75,6 +87,8 @@ def attention_cached(
     k: Tensor,
     v: Tensor,
     mask: Tensor | None,
+    positions: Tensor | None,
+    scale: Tensor | None,
     plan_key: str,
     dense_key: str,
     executor: str,
@@ -83,12 +97,12 @@ def attention_cached(
     dense_first: int,
     refresh_every: int,
 ) -> tuple[Tensor, Tensor]:
-    plan = plan_of(plan_key, q, k)
+    plan = plan_of(plan_key, q, k, positions, scale)
     state = get_cache(cache_key).site(site_key)
     phase = call_phase(state.calls, dense_first, refresh_every)
     state.calls += 1
     if phase == "dense":
-        out, lse = executors.run(plan_of(dense_key, q, k), q, k, v, mask, executor)
+        out, lse = executors.run(plan_of(dense_key, q, k, positions, scale), q, k, v, mask, executor)
         return out.contiguous(), lse.contiguous()
     if phase == "select" or not executors.selection_fits(plan, state.selected, q):
         state.selected = executors.select(plan, q, k, v, mask, executor)
@@ -99,9 +113,17 @@ def attention_cached(
 
 @torch.library.custom_op("attncc::attention_permuted", mutates_args=())
 def attention_permuted(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, plan_key: str, executor: str, segment: int
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    positions: Tensor | None,
+    scale: Tensor | None,
+    plan_key: str,
+    executor: str,
+    segment: int,
 ) -> tuple[Tensor, Tensor]:
-    plan = plan_of(plan_key, q, k)
+    plan = plan_of(plan_key, q, k, positions, scale)
     out, lse = executors.run_permuted(plan, q, k, v, mask, executor, segment)
     return out.contiguous(), lse.contiguous()
 

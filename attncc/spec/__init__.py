@@ -6,7 +6,15 @@ from attncc.spec.errors import SpecError
 from attncc.spec.load import load_spec
 from attncc.spec.models import Spec
 from attncc.spec.parse import parse_mask
-from attncc.spec.resolve import ResolvedPolicy, SiteShape, check_executable, plan_for, resolve, runtime_problem
+from attncc.spec.resolve import (
+    PositionError,
+    ResolvedPolicy,
+    SiteShape,
+    check_executable,
+    plan_for,
+    resolve,
+    runtime_problem,
+)
 from attncc.spec.schema import json_schema
 
 __all__ = [
@@ -16,6 +24,7 @@ __all__ = [
     "parse_mask",
     "json_schema",
     "SiteShape",
+    "PositionError",
     "plan_for",
     "resolve",
     "ResolvedPolicy",

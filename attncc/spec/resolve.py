@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from attncc.ir import masks as M
 from attncc.ir.dtypes import DTypeName
 from attncc.ir.permute import TilePermutation
-from attncc.ir.plan import AttentionPlan, MaskKind
+from attncc.ir.plan import AttentionPlan, MaskKind, QueryPositions
 from attncc.ir.selection import SelectorError, resolve_selector, selector_problem, selectors_of
+from attncc.spec.errors import SpecError
 from attncc.spec.models import Spec
 
 
@@ -172,6 +174,10 @@ def resolve(spec: Spec, layer: int, module: str, num_heads: int, check: bool = T
     return ResolvedPolicy(i, spec.rule_name(i), programs, index, spec.permutation(i), bq, bkv)
 
 
+class PositionError(SpecError):
+    """A rule's mask reads query positions at a site whose query positions are unknown."""
+
+
 @dataclass(frozen=True)
 class SiteShape:
     """What resolution needs to know about one attention: where it is, its shapes, dtype and
@@ -192,6 +198,9 @@ class SiteShape:
     model_mask: M.Mask = M.Full()
     mask_kind: MaskKind | None = None
     q_offset: int = 0
+    #: where the queries sit among the keys (:class:`attncc.ir.plan.QueryPositions`), or
+    #: ``unknown`` where the model does not say (cross-attention)
+    q_positions: QueryPositions | Literal["unknown"] = "start"
     #: False when the operands merge batch and heads and the graph does not show the head count
     heads_known: bool = True
 
@@ -220,6 +229,17 @@ def plan_for(spec: Spec, shape: SiteShape, check: bool = True) -> AttentionPlan 
     kv_len = shape.q_len if shape.kv_len is None else shape.kv_len
     programs = tuple(M.conj(p, shape.model_mask) for p in policy.programs)
     located = f"(rule '{policy.rule}' at {shape.where})"
+    if shape.q_positions == "unknown":
+        reading = next((p for p in programs if p.reads_query), None)
+        if reading is not None:
+            err = spec.error(
+                f"rule '{policy.rule}' at {shape.where}: its mask {reading} reads query positions, but the "
+                f"positions of this site's {shape.q_len} queries among its {kv_len} keys are unknown (keys "
+                "that are not a cache of the queries' own, such as cross-attention); use a mask that does not "
+                "read them (full, sink) or a 'where' that leaves this attention out",
+                rule_path + ("mask",),
+            )
+            raise PositionError(err.message, err.source, err.line, err.column, err.path)
     if policy.permute is not None:
         try:
             policy.permute.check(shape.q_len, "query")
@@ -248,6 +268,7 @@ def plan_for(spec: Spec, shape: SiteShape, check: bool = True) -> AttentionPlan 
             permute=policy.permute,
             mask_kind=shape.mask_kind,
             q_offset=shape.q_offset,
+            q_positions="start" if shape.q_positions == "unknown" else shape.q_positions,
             rule=policy.rule,
             name=shape.module,
         )
