@@ -16,9 +16,10 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from attncc.codegen.cache import KernelCache, default_cache
+from attncc.codegen.cache import KernelCache, KernelFamily, default_cache
 from attncc.codegen.forward.generate import kernel_constexprs, kernel_name, kernel_signature, launch_options
 from attncc.ir.plan import AttentionPlan
 
@@ -112,6 +113,43 @@ def compile_plans(
         jobs += [job_for(plan, a, pathlib.Path(out_dir) / stem / f"sm_{a}", cache) for a in archs]
     results = compile_jobs(jobs, workers=workers)
     return [results[i * len(archs) : (i + 1) * len(archs)] for i in range(len(plans))]
+
+
+def write_family(
+    folder: str | os.PathLike,
+    plans: list[AttentionPlan],
+    family: KernelFamily,
+    names: Callable[[AttentionPlan], dict[str, str]],
+    jobs: Callable[[AttentionPlan, int, pathlib.Path], list[Job]],
+    *,
+    archs: tuple[int, ...] = (90,),
+    aot: bool = True,
+) -> list[dict]:
+    """Dump the ``family`` kernels of distinct plans into ``folder``: ``<stem>_<hash>.py`` (the
+    source Triton runs) and, when ``aot``, ``<stem>_<hash>/sm_<arch>/<kernel>.{ttir,ttgir,ptx,cubin}``
+    compiled without a GPU (``jobs(plan, arch, out_dir)``). One manifest entry per distinct plan,
+    with its kernels by role (``names(plan)``); a kernel that fails to compile carries its error
+    instead of files."""
+    out = pathlib.Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    unique = list({p.key(): p for p in plans}.values())
+    entries, todo, owners = [], [], []
+    for plan in unique:
+        src = default_cache().source(plan, family)
+        shutil.copyfile(src, out / src.name)
+        entry = {"plan_key": plan.key(), "pattern": plan.pattern, "file": src.name, "kernels": names(plan)}
+        entry["targets"] = {}
+        entries.append(entry)
+        if aot:
+            for arch in archs:
+                for job in jobs(plan, arch, out / src.stem / f"sm_{arch}"):
+                    todo.append(job)
+                    owners.append(entry)
+    if todo:
+        for entry, result in zip(owners, compile_jobs(todo)):
+            result["files"] = {k: os.path.relpath(v, out) for k, v in result.get("files", {}).items()}
+            entry["targets"].setdefault(result.pop("arch"), {})[result.pop("kernel")] = result
+    return entries
 
 
 def _resource_usage(cubin: pathlib.Path) -> dict:

@@ -24,6 +24,7 @@ from types import ModuleType
 import triton
 
 from attncc.codegen.backward.generate import backward_source
+from attncc.codegen.decode.generate import decode_kernel_name, generate_decode
 from attncc.codegen.forward.generate import generate_forward, kernel_name
 from attncc.config import config
 from attncc.ir.plan import AttentionPlan
@@ -43,6 +44,7 @@ class KernelFamily:
 
 FORWARD = KernelFamily("forward", generate_forward, kernel_name)
 BACKWARD = KernelFamily("backward", backward_source, lambda plan: f"{plan.pattern}_bwd")
+DECODE = KernelFamily("decode", generate_decode, decode_kernel_name)
 
 _process_dir: pathlib.Path | None = None
 

@@ -10,6 +10,7 @@ import shutil
 from attncc.codegen.aot import compile_plans
 from attncc.codegen.backward.launch import write_backward_kernels
 from attncc.codegen.cache import KernelCache, default_cache
+from attncc.codegen.decode.launch import write_decode_kernels
 from attncc.codegen.forward.generate import kernel_name
 from attncc.codegen.selectors.layout import layout
 from attncc.ir.plan import AttentionPlan, plan_density
@@ -97,6 +98,8 @@ def write_kernels(
                 entry["targets"][r.pop("arch")] = r
     if backward and unique:
         _write_backward(out, unique, entries, aot)
+    if unique:
+        _write_decode(out, unique, entries, aot)
     if manifest is not None:
         manifest.setdefault("kernels", []).extend(entries)
     return entries
@@ -115,6 +118,15 @@ def _kernel_plans(plans: list[AttentionPlan], runs_for: dict[str, str]) -> list[
             runs_for[part.key()] = f"{role} of dynamic plan {p.key()} (rule {p.rule or '-'})"
             out.append(part)
     return out
+
+
+def _write_decode(out: pathlib.Path, plans: list[AttentionPlan], entries: list[dict], aot: bool) -> None:
+    """Attach each plan's decode kernels (split-KV step and merge, compiled for one query) to its
+    manifest entry, or the reason its decode steps run the forward kernel."""
+    written, refused = write_decode_kernels(out, plans, archs=(90,), aot=aot)
+    by_key = {w["plan_key"]: w for w in written}
+    for p, e in zip(plans, entries):
+        e["decode"] = by_key.get(p.key()) or {"error": f"no decode kernels: {refused[p.key()]}"}
 
 
 def _write_backward(out: pathlib.Path, plans: list[AttentionPlan], entries: list[dict], aot: bool) -> None:

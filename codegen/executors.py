@@ -24,6 +24,9 @@ import torch
 from attncc.codegen.backward.launch import attention_bwd
 from attncc.codegen.backward.reference import attention_backward_reference
 from attncc.codegen.common import check_inputs
+from attncc.codegen.decode import table as decode_table
+from attncc.codegen.decode.launch import decode_fwd
+from attncc.codegen.decode.torch_path import decode_torch_forward
 from attncc.codegen.forward.launch import attention_fwd
 from attncc.codegen.forward.reference import attention_reference
 from attncc.codegen.selectors import run as selectors
@@ -49,6 +52,8 @@ class Executor:
     forward: Forward
     backward: Backward
     description: str
+    #: forward of calls that take the decode path (few queries; None: ``forward`` runs them)
+    decode: Forward | None = None
 
     def check_device(self, device: torch.device) -> None:
         if self.device is not None and device.type != self.device:
@@ -66,7 +71,7 @@ def _reference_backward(plan, q, k, v, out, lse, dout, mask):
 def _kernels(name: str, device: str, target: str, description: str) -> Executor:
     """An executor of the generated Triton kernels for ``target``."""
     fwd, bwd = functools.partial(attention_fwd, target=target), functools.partial(attention_bwd, target=target)
-    return Executor(name, device, target, fwd, bwd, description)
+    return Executor(name, device, target, fwd, bwd, description, functools.partial(decode_fwd, target=target))
 
 
 EXECUTORS: dict[str, Executor] = {
@@ -81,6 +86,7 @@ EXECUTORS: dict[str, Executor] = {
             attention_torch_forward,
             attention_torch_backward,
             "the block-sparse CPU path over ATen's fused attention",
+            decode_torch_forward,
         ),
         Executor("reference", None, None, attention_reference, _reference_backward, "the exact dense attention"),
     )
@@ -113,6 +119,8 @@ def run(
     if plan.is_dynamic:
         selected = selectors.select_blocks(plan, q, k, ex.target)
         return selectors.attend(plan, q, k, v, mask, selected, ex.target)
+    if ex.decode is not None and decode_table.unsupported(plan) is None:
+        return ex.decode(plan, q, k, v, mask)
     return ex.forward(plan, q, k, v, mask)
 
 

@@ -304,6 +304,8 @@ def test_dump_writes_backward_kernels_and_the_static_kernels_of_a_selection_plan
     entry = write_kernels(tmp_path, [static], aot=False)[0]
     assert (tmp_path / entry["backward"]["file"]).exists()
     assert set(entry["backward"]["kernels"]) == {"preprocess", "dkdv", "dq"}
+    assert (tmp_path / entry["decode"]["file"]).exists()
+    assert set(entry["decode"]["kernels"]) == {"decode", "merge"}
 
     topk = parse_mask({"all": ["causal", {"any": [{"sink": 16}, {"topk": {"k": 1, "block": 16}}]}]}, {})
     entries = write_kernels(tmp_path / "dyn", [make_plan(topk, q_len=64)], aot=False)

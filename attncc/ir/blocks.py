@@ -757,3 +757,15 @@ def count_allowed(
         allowed = _distance_pair_count(mask, q_len, kv_len, head, q_offset)
     counts = torch.tensor([st.nq * st.nk - partial - full, partial, full], dtype=torch.int64)
     return allowed, counts
+
+
+def query_row_labels(
+    mask: Mask, head: int, q_len: int, kv_len: int, q_offset: int, block_kv: int
+) -> torch.Tensor:
+    """``[ceil(kv_len / block_kv)]`` int8 EMPTY/PARTIAL/FULL labels of every kv block against all
+    ``q_len`` queries at once (positions ``q_offset ..``), exactly: one row of bounds, O(kv blocks),
+    with partial blocks evaluated on their own tokens. What a decode step visits."""
+    qb = token_blocks(q_len, max(q_len, 1), offset=q_offset)
+    kb = token_blocks(kv_len, block_kv)
+    ((_, labels),) = classify_rows(mask, qb, kb, head, q_len, kv_len)
+    return labels[0]

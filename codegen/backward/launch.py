@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import functools
 import os
-import pathlib
-import shutil
 from dataclasses import dataclass
 
 import torch
 
-from attncc.codegen.aot import Job, compile_jobs
+from attncc.codegen.aot import Job, write_family
 from attncc.codegen.backward.generate import kernel_names
 from attncc.codegen.cache import BACKWARD, KernelCache, default_cache
 from attncc.codegen.common import mask_argument, next_pow2
@@ -127,35 +125,8 @@ def launch_options(plan: AttentionPlan, role: str) -> dict[str, int]:
 def write_backward_kernels(
     folder: str | os.PathLike, plans: list[AttentionPlan], *, archs: tuple[int, ...] = (90,), aot: bool = True
 ) -> list[dict]:
-    """Dump the plans' backward kernels into ``folder``: ``<pattern>_bwd_<hash>.py`` (the source
-    Triton runs) and, when ``aot``, ``<pattern>_bwd_<hash>/sm_<arch>/<kernel>.{ttir,ttgir,ptx,cubin}``
-    compiled without a GPU. One manifest entry per distinct plan; a kernel that fails to compile
-    carries its error instead of files."""
-    out = pathlib.Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    unique = list({p.key(): p for p in plans}.values())
-    entries, jobs, owners = [], [], []
-    for plan in unique:
-        src = default_cache().source(plan, BACKWARD)
-        shutil.copyfile(src, out / src.name)
-        entry = {
-            "plan_key": plan.key(),
-            "pattern": plan.pattern,
-            "file": src.name,
-            "kernels": kernel_names(plan),
-            "targets": {},
-        }
-        entries.append(entry)
-        if aot:
-            for arch in archs:
-                for job in backward_aot_jobs(plan, arch, out / src.stem / f"sm_{arch}"):
-                    jobs.append(job)
-                    owners.append(entry)
-    if jobs:
-        for entry, result in zip(owners, compile_jobs(jobs)):
-            result["files"] = {k: os.path.relpath(v, out) for k, v in result.get("files", {}).items()}
-            entry["targets"].setdefault(result.pop("arch"), {})[result.pop("kernel")] = result
-    return entries
+    """Dump the plans' backward kernels (dQ, dK/dV) into ``folder`` (:func:`attncc.codegen.aot.write_family`)."""
+    return write_family(folder, plans, BACKWARD, kernel_names, backward_aot_jobs, archs=archs, aot=aot)
 
 
 def backward_constexprs(
