@@ -60,3 +60,32 @@ def test_flex_predicates_match_plan_masks():
 def test_machine_name_is_a_file_name():
     name = B.machine_name()
     assert name and all(c.isalnum() or c == "-" for c in name)
+
+
+def test_decode_benchmark_tiny_checks_and_writes_json(tmp_path, capsys, fresh_compiler):
+    """Contexts 1536 and 3072 (past the 1024-token window): attncc and Flex both checked against
+    fp64 SDPA with the explicit mask, one attncc graph for both contexts, no recompile while
+    timing (the run fails otherwise)."""
+    from bench import decode as D
+
+    out = tmp_path / "d.json"
+    assert D.main(["--contexts", "1536", "3072", "--repeats", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["context"] for r in result["rows"]] == [1536, 3072]
+    for r in result["rows"]:
+        assert r["kept_keys"] == 4 + 1024
+        assert r["max_err_vs_fp64"] < 1e-4
+        assert {"attncc", "attncc_new_step", "sdpa_dense", "flex"} <= set(r["times_s"])
+    assert "| 3072 | 1028 |" in capsys.readouterr().out
+
+
+def test_decode_benchmark_refuses_a_baseline_that_recompiles(monkeypatch, fresh_compiler):
+    """A graph compiled while timing fails the run instead of printing a ratio."""
+    import pytest
+
+    from bench import decode as D
+
+    calls = iter(range(1000))
+    monkeypatch.setattr(D, "graphs", lambda: next(calls))
+    with pytest.raises(D.BaselineError, match="recompiled"):
+        D.main(["--contexts", "1536", "--repeats", "1", "--no-flex", "--no-json"])

@@ -760,12 +760,15 @@ def count_allowed(
 
 
 def query_row_labels(
-    mask: Mask, head: int, q_len: int, kv_len: int, q_offset: int, block_kv: int
+    mask: Mask, head: int, q_len: int, kv_len: int, q_offsets: list[int] | int, block_kv: int
 ) -> torch.Tensor:
-    """``[ceil(kv_len / block_kv)]`` int8 EMPTY/PARTIAL/FULL labels of every kv block against all
-    ``q_len`` queries at once (positions ``q_offset ..``), exactly: one row of bounds, O(kv blocks),
-    with partial blocks evaluated on their own tokens. What a decode step visits."""
-    qb = token_blocks(q_len, max(q_len, 1), offset=q_offset)
+    """``[len(q_offsets), ceil(kv_len / block_kv)]`` int8 EMPTY/PARTIAL/FULL labels of every kv
+    block against all ``q_len`` queries of a call at once (row i: positions ``q_offsets[i] ..``),
+    exactly: one row of bounds per call, O(kv blocks), partial blocks evaluated on their own
+    tokens. What decode steps visit; several steps are labelled in one batch (a bare int gives
+    one row)."""
+    offsets = torch.tensor([q_offsets] if isinstance(q_offsets, int) else list(q_offsets), dtype=torch.int64)
+    pos = offsets.view(-1, 1) + torch.arange(q_len)
+    qb = Blocks(pos[:, 0].clone(), pos[:, -1].clone(), pos, q_len)
     kb = token_blocks(kv_len, block_kv)
-    ((_, labels),) = classify_rows(mask, qb, kb, head, q_len, kv_len)
-    return labels[0]
+    return torch.cat([labels for _, labels in classify_rows(mask, qb, kb, head, q_len, kv_len)])

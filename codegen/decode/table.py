@@ -7,7 +7,9 @@ block once for all of them. A kv block is *full* for a kv head when it is full f
 program of its query heads (the predicate is skipped), *partial* when some pair is allowed but
 not all (the predicate decides per row, with the row's own program), and skipped otherwise.
 Labels come from :func:`attncc.ir.blocks.query_row_labels`: O(kv blocks) bounds per program,
-never S x S.
+never S x S. Consecutive decode steps are labelled ``STEPS_PER_BATCH`` at a time (one batched
+classification per program), so a step's table costs a row lookup: steps that append to the
+keys (queries at the end) by key length, steps over a fixed-length static cache by query offset.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from attncc.ir.blocks import EMPTY, FULL, query_row_labels
 from attncc.ir.plan import AttentionPlan
 
+_LOCK = threading.Lock()
 #: a call takes the decode path when it has at most this many queries and its packed rows (query
 #: heads per kv head x queries) fit one tile of at most ``MAX_ROWS`` rows
 MAX_QUERIES = 16
@@ -86,12 +89,46 @@ def _pad(lists: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
+#: decode steps labelled by one batched classification
+STEPS_PER_BATCH = 64
+_steps: dict[tuple, tuple[int, torch.Tensor]] = {}
+_STEPS_MAX = 256
+
+
+def step_labels(plan: AttentionPlan, program: int) -> torch.Tensor:
+    """``[ceil(kv_len / block_kv)]`` labels of the plan's call for mask program ``program``, from
+    a batch of consecutive steps. Steps that append (``q_offset = kv_len - q_len``) are batched
+    by key length: blocks past a step's own keys are cut, and a block that straddles its end is
+    labelled with the keys of the batch's longest step, which only ever turns FULL into PARTIAL
+    (the kernels mask keys past ``KV_LEN`` themselves). Steps over fixed-length keys are batched
+    by query offset, exactly. A predicate that reads the lengths is labelled alone."""
+    prog, head = plan.programs[program], plan.program_heads()[program]
+    q_len, kv_len, bk = plan.q_len, plan.kv_len, plan.block_kv
+    nk = -(-kv_len // bk)
+    if prog.reads_lengths:
+        return query_row_labels(prog, head, q_len, kv_len, plan.q_offset, bk)[0]
+    appends = plan.q_offset == kv_len - q_len
+    key = (prog, head, q_len, bk) + (("end",) if appends else ("fixed", kv_len))
+    step = kv_len if appends else plan.q_offset
+    with _LOCK:
+        hit = _steps.get(key)
+    if hit is None or not hit[0] <= step < hit[0] + hit[1].shape[0]:
+        if appends:
+            steps = range(kv_len, kv_len + STEPS_PER_BATCH)
+            labels = query_row_labels(prog, head, q_len, steps[-1], [n - q_len for n in steps], bk)
+        else:
+            labels = query_row_labels(prog, head, q_len, kv_len, list(range(step, step + STEPS_PER_BATCH)), bk)
+        hit = (step, labels)
+        with _LOCK:
+            if len(_steps) >= _STEPS_MAX:
+                _steps.clear()
+            _steps[key] = hit
+    return hit[1][step - hit[0], :nk]
+
+
 def build_decode_table(plan: AttentionPlan) -> DecodeTable:
     """The decode table of a plan that takes the decode path (:func:`unsupported` is None)."""
-    labels = [
-        query_row_labels(prog, head, plan.q_len, plan.kv_len, plan.q_offset, plan.block_kv)
-        for prog, head in zip(plan.programs, plan.program_heads())
-    ]
+    labels = [step_labels(plan, i) for i in range(len(plan.programs))]
     g = plan.gqa_group
     by_programs: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
     classes: dict[tuple[int, ...], list[int]] = {}
@@ -113,7 +150,6 @@ def build_decode_table(plan: AttentionPlan) -> DecodeTable:
 
 
 _tables: dict[tuple[AttentionPlan, str], DecodeTable] = {}
-_LOCK = threading.Lock()
 #: tables kept (decoding makes one per generated token and plan)
 _TABLES_MAX = 1024
 

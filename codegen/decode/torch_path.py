@@ -61,34 +61,54 @@ def _allowed(plan: AttentionPlan, heads: torch.Tensor, kv: torch.Tensor) -> torc
     return out
 
 
+def _merge_runs(runs: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """(start, end) runs sorted and joined where they touch -> (start, length) runs."""
+    out: list[list[int]] = []
+    for a, e in sorted(runs):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([a, e])
+    return tuple((a, e - a) for a, e in out)
+
+
 def _class(plan: AttentionPlan, table: DecodeTable, kv_heads: tuple[int, ...]) -> list[_Class]:
-    """The class of ``kv_heads`` (equal token lists), cut into runs of consecutive kv heads."""
+    """The class of ``kv_heads`` (equal block lists), cut into runs of consecutive kv heads. A
+    partial block is trimmed to the tokens some row may attend; the bias covers only tokens
+    some row may not."""
     kvh = kv_heads[0]
-    bk, g, sq = table.block_kv, plan.gqa_group, plan.q_len
+    bk, g, sq, kv_len = table.block_kv, plan.gqa_group, plan.q_len, plan.kv_len
     nf, np_ = int(table.full_num[kvh]), int(table.part_num[kvh])
-    blocks = torch.cat([table.full_idx[kvh, :nf], table.part_idx[kvh, :np_]]).long().sort().values
-    partial = torch.isin(blocks, table.part_idx[kvh, :np_].long())
-    tok = (blocks[:, None] * bk + torch.arange(bk)).flatten()
-    in_partial = partial.repeat_interleave(bk)
-    keep = tok < plan.kv_len
-    tok, in_partial = tok[keep], in_partial[keep]
+    full_runs = [(b * bk, min((b + 1) * bk, kv_len)) for b in table.full_idx[kvh, :nf].tolist()]
+    ptok = (table.part_idx[kvh, :np_].long().view(-1, 1) * bk + torch.arange(bk)).flatten()
+    ptok = ptok[ptok < kv_len]
     out = []
     for first, n in _consecutive(kv_heads):
-        heads = torch.arange(first * g, (first + n) * g)
         bias = dead = None
-        if bool(in_partial.any()):
-            allowed = torch.ones(n * g, sq, tok.numel(), dtype=torch.bool)
-            allowed[:, :, in_partial] = _allowed(plan, heads, tok[in_partial])
-            allowed = allowed.reshape(1, n, g * sq, -1)
-            dead_rows = ~allowed.any(-1)
-            dead = dead_rows if bool(dead_rows.any()) else None
-            base = torch.zeros(allowed.shape).masked_fill_(~allowed, _NEG)
-            if n > 1 and bool((allowed == allowed[:, :1]).all()):
-                base = base[:, :1]
-            bias = {torch.float32: base, torch.float64: base.double()}
-        elif tok.numel() == 0:
+        runs = list(full_runs)
+        if ptok.numel():
+            allowed = _allowed(plan, torch.arange(first * g, (first + n) * g), ptok)  # [n*g, Sq, Tp]
+            some = allowed.flatten(0, 1).any(0)
+            kept, allowed = ptok[some], allowed[:, :, some]
+            runs += [(a, a + length) for a, length in _runs(kept)]
+            merged = _merge_runs(runs)
+            tokens = torch.cat([torch.arange(a, a + length) for a, length in merged]) if merged else ptok[:0]
+            if not bool(allowed.all()):
+                base = torch.zeros(1, n, g * sq, tokens.numel())
+                cols = torch.searchsorted(tokens, kept)
+                base[..., cols] = torch.zeros(allowed.shape).masked_fill_(~allowed, _NEG).view(1, n, g * sq, -1)
+                if not full_runs:
+                    rows = ~allowed.any(-1).view(1, n, g * sq)
+                    dead = rows if bool(rows.any()) else None
+                if n > 1 and bool((base == base[:, :1]).all()):
+                    base = base[:, :1]
+                bias = {torch.float32: base, torch.float64: base.double()}
+        else:
+            merged = _merge_runs(runs)
+            tokens = torch.cat([torch.arange(a, a + length) for a, length in merged]) if merged else ptok[:0]
+        if tokens.numel() == 0:
             dead = torch.ones(1, n, g * sq, dtype=torch.bool)
-        out.append(_Class(first, n, _runs(tok), tok, bias, dead))
+        out.append(_Class(first, n, merged, tokens, bias, dead))
     return out
 
 

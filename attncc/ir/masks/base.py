@@ -91,6 +91,8 @@ class Mask:
     dynamic: ClassVar[bool] = False
     #: True when the predicate depends on the head index.
     uses_head: ClassVar[bool] = False
+    #: True when the predicate reads the sequence lengths (``KV_LEN``), not only positions.
+    uses_lengths: ClassVar[bool] = False
     #: When ``bounds`` is exact, i.e. ``may`` True proves some pair is allowed and ``must``
     #: False proves some pair is not: "always" (for any token sets: the bounds read attained
     #: positions only), "contiguous" (when both token sets are runs of consecutive positions),
@@ -148,6 +150,10 @@ class Mask:
     @property
     def depends_on_head(self) -> bool:
         return any(m.uses_head for m in self.walk())
+
+    @property
+    def reads_lengths(self) -> bool:
+        return any(m.uses_lengths for m in self.walk())
 
     @property
     def reads_query(self) -> bool:

@@ -57,6 +57,7 @@ class RandomBlocks(Mask):
     block: int = 64
     kind: ClassVar[str] = "random_blocks"
     uses_head: ClassVar[bool] = True
+    uses_lengths: ClassVar[bool] = True
 
     def dense(self, h, q, kv, q_len, kv_len):
         nkb = -(-kv_len // self.block)
