@@ -177,13 +177,20 @@ def attend(
     return selectors.attend(plan, q, k, v, mask, selected, ex.target)
 
 
-def selection_fits(plan: AttentionPlan, selected: Tensor | None, q: Tensor) -> bool:
-    """Whether a stored selection has the shape and device these inputs need."""
-    return (
-        selected is not None
-        and tuple(selected.shape) == selection_shape(plan, q.shape[0])
-        and selected.device == q.device
-    )
+def fit_selection(plan: AttentionPlan, selected: Tensor | None, q: Tensor) -> Tensor | None:
+    """A stored selection fitted to these inputs: as it is when its shape is the one they need;
+    widened with unselected kv blocks when only the keys grew (a cache gained blocks since it was
+    computed: those blocks were never candidates of that selection); None when it cannot be
+    reused (another batch, head count, query-block count or device, or fewer keys)."""
+    if selected is None or selected.device != q.device:
+        return None
+    want = selection_shape(plan, q.shape[0])
+    have = tuple(selected.shape)
+    if have == want:
+        return selected
+    if have[:3] != want[:3] or have[3] > want[3]:
+        return None
+    return torch.nn.functional.pad(selected, (0, want[3] - have[3]))
 
 
 def run_permuted(

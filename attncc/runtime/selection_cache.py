@@ -11,7 +11,9 @@ Per site and per call ``c`` (0-based, counted since the last reset):
 * ``c < dense_first``: the model's own mask only (no selection);
 * ``c >= dense_first``: the selection is computed when ``(c - dense_first) % refresh_every == 0``
   (only at ``c == dense_first`` without ``refresh_every``), or when the stored one does not fit
-  the inputs (batch, heads, lengths or device changed); otherwise the stored one is reused.
+  the inputs (batch, heads, query blocks or device changed, or fewer keys); otherwise the stored
+  one is reused, widened with unselected blocks when the keys grew (decoding over a cache: the
+  new blocks were not candidates when it was computed, the static parts of the mask cover them).
 """
 
 from __future__ import annotations

@@ -104,9 +104,11 @@ def attention_cached(
     if phase == "dense":
         out, lse = executors.run(plan_of(dense_key, q, k, positions, scale), q, k, v, mask, executor)
         return out.contiguous(), lse.contiguous()
-    if phase == "select" or not executors.selection_fits(plan, state.selected, q):
-        state.selected = executors.select(plan, q, k, v, mask, executor)
+    fitted = None if phase == "select" else executors.fit_selection(plan, state.selected, q)
+    if fitted is None:
+        fitted = executors.select(plan, q, k, v, mask, executor)
         state.refreshes += 1
+    state.selected = fitted
     out, lse = executors.attend(plan, q, k, v, mask, state.selected, executor)
     return out.contiguous(), lse.contiguous()
 
