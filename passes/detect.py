@@ -838,9 +838,7 @@ class _Detector:
             raise NotASite(f"{pv.name} is not a P @ V product over the key axis (labels {lp},{lv}->{lpo})")
         return look_through(vnode, vroles), oroles
 
-    def _scale_and_terms(
-        self, ops: list[tuple], qk: fx.Node
-    ) -> tuple[float, RuntimeScale | None, list[MaskTerm]]:
+    def _scale_and_terms(self, ops: list[tuple], qk: fx.Node) -> tuple[float, RuntimeScale | None, list[MaskTerm]]:
         """The product of the score scales (constant, and at most one read at run time), and the
         mask terms in score units (a term added before a scale is scaled with the scores)."""
         scale = 1.0

@@ -203,7 +203,8 @@ def test_decode_kernels_compile_for_sm90(tmp_path):
     sw = M.All((M.Causal(), M.Any_((M.Sink(4), M.Window(255, 0)))))
     plan = AttentionPlan.of(sw, num_heads=8, num_kv_heads=2, q_len=1024, head_dim=64, block=64, dtype="bfloat16")
     topk = AttentionPlan.of(mask_cases.mask("topk", 64), num_heads=2, q_len=64, head_dim=32, block=16)
-    (entry,), refused = write_decode_kernels(tmp_path, [plan, plan, topk], archs=(90,))
+    video = AttentionPlan.of(mask_cases.mask("tile3d", 64), num_heads=2, q_len=64, head_dim=32, block=16)
+    (entry,), refused = write_decode_kernels(tmp_path, [plan, plan, topk, video], archs=(90,))
     assert (tmp_path / entry["file"]).read_text() == generate_decode(plan)
     for name in entry["kernels"].values():
         target = entry["targets"]["sm_90"][name]
@@ -211,3 +212,4 @@ def test_decode_kernels_compile_for_sm90(tmp_path):
         ptx = (tmp_path / target["files"]["ptx"]).read_text()
         assert ".target sm_90" in ptx and f".entry {name}" in ptx
     assert "data" in refused[topk.key()]
+    assert "grid" in refused[video.key()]

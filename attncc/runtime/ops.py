@@ -5,9 +5,9 @@ k/v ``[B, Hkv, Skv, D]``, out ``[B, H, Sq, Dv]`` in q's dtype, lse ``[B, H, Sq]`
 order (the AttentionPlan layout contract). ``positions`` (int ``[Sq]``, consecutive) is where the
 queries sit among the keys when the model says so per call (a static cache's
 ``cache_position``), else None; ``scale`` (a 0-d tensor) is the softmax scale when the model
-reads it at run time (a float attribute under dynamic shapes), else None. The plan is looked up by key in :mod:`attncc.runtime.registry`
-and re-specialised to the call's lengths and positions; the executor table of
-:mod:`attncc.codegen.executors` runs it. The backward is the op ``attncc::attention_backward``.
+reads it at run time (a float attribute under dynamic shapes), else None. The plan is looked up
+by key in :mod:`attncc.runtime.registry` and re-specialised to the call's lengths and positions;
+the executor table of :mod:`attncc.codegen.executors` runs it. The backward is the op ``attncc::attention_backward``.
 
 :func:`attention` calls the op for a plan in hand (benchmarks, tests, eager code): the one
 differentiable entry point; there is no second autograd wrapper.

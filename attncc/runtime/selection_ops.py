@@ -42,7 +42,10 @@ def _fake_out(q: Tensor, k: Tensor, v: Tensor, *args) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("attncc::attention_select", mutates_args=())
 def attention_select(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
     positions: Tensor | None,
     scale: Tensor | None,
     plan_key: str,

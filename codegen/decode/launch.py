@@ -19,13 +19,14 @@ from attncc.codegen.decode.generate import (
 )
 from attncc.codegen.decode.table import DecodeTable, decode_table, unsupported
 from attncc.ir.dtypes import DTYPES
+from attncc.ir.masks.base import MaskError
 from attncc.ir.plan import AttentionPlan
 
 #: kv blocks a split takes at least (fewer splits than that are not worth their merge)
 MIN_BLOCKS_PER_SPLIT = 4
 #: most splits per (batch, kv head)
 MAX_SPLITS = 64
-_programs: dict[tuple[AttentionPlan, str], torch.Tensor] = {}
+_programs: dict[tuple, torch.Tensor] = {}
 
 
 def num_splits(table: DecodeTable, batch_kv_heads: int, device: torch.device) -> int:
@@ -156,12 +157,20 @@ def decode_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) 
     ]
 
 
+def _refused(plan: AttentionPlan) -> str | None:
+    """Why a decode step of ``plan`` would not take the decode path (None: it would)."""
+    try:
+        return unsupported(decode_specialisation(plan))
+    except MaskError as e:  # grid masks and permutations hold a fixed number of tokens
+        return f"its decode step has no plan ({e})"
+
+
 def write_decode_kernels(
     folder: str | os.PathLike, plans: list[AttentionPlan], *, archs: tuple[int, ...] = (90,), aot: bool = True
 ) -> tuple[list[dict], dict[str, str]]:
     """Dump the decode kernels of the plans whose decode steps take the decode path
     (:func:`attncc.codegen.aot.write_family`); the others by key with the reason they have none."""
-    refused = {p.key(): why for p in plans if (why := unsupported(decode_specialisation(p))) is not None}
+    refused = {p.key(): why for p in plans if (why := _refused(p)) is not None}
     kept = [p for p in plans if p.key() not in refused]
     written = write_family(pathlib.Path(folder), kept, DECODE, decode_names, decode_aot_jobs, archs=archs, aot=aot)
     return written, refused
