@@ -66,3 +66,10 @@ def mask_argument(
     if m.dtype == torch.bool:
         m = m.view(bool_as)
     return m, m.stride()
+
+
+def unit_stride_rows(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor as it is when its last dimension has unit stride, else a contiguous copy:
+    ATen's fused CPU attention reads rows as dense vectors and silently misreads any other
+    last-dim stride (transposed or sliced heads). Copies only what needs it, once per call."""
+    return tuple(x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous() for x in xs)

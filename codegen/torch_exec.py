@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from attncc.codegen.common import unit_stride_rows
 from attncc.ir import masks as M
 from attncc.ir.blocks import build_block_table
 from attncc.ir.plan import AttentionPlan
@@ -689,6 +690,7 @@ def attention_torch_forward(plan, q, k, v, mask_tensor=None):
     """Block-sparse attention on CPU: ``(out [B, H, Sq, Dv] in q's dtype, lse [B, H, Sq] fp32)``
     (no autograd graph: :func:`attncc.runtime.ops.attention` differentiates it through
     :func:`attention_torch_backward`). Rows with no allowed key give zeros and ``lse = -inf``."""
+    q, k, v = unit_stride_rows(q, k, v)
     with torch.no_grad():
         prep, out, lse = _forward(plan, q, k, v, mask_tensor)
         sq = q.shape[2]
@@ -699,6 +701,7 @@ def attention_torch_backward(plan, q, k, v, out, lse, dout, mask_tensor=None):
     """Gradients ``(dq, dk, dv)`` of :func:`attention_torch_forward` given its ``out`` and ``lse``
     (``lse`` itself is treated as non-differentiable). Walks the forward's groups with the
     fused CPU backward kernel: each group contributes with the *final* row statistics."""
+    q, k, v, out, dout = unit_stride_rows(q, k, v, out, dout)
     prep, dtype, width, (qk, kk, vk) = _in_kernel_order(plan, q, k, v, mask_tensor)
     ok = _to_kernel_order(out, prep.q_order, dtype, width)
     dok = _to_kernel_order(dout, prep.q_order, dtype, width)

@@ -106,7 +106,8 @@ def attention_backward_op(
 
 @attention_backward_op.register_fake
 def _attention_backward_fake(q, k, v, out, lse, dout, dlse, mask, positions, scale, plan_key, executor):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, as the real op returns them (empty_like would keep a transposed input's strides)
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):

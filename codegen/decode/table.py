@@ -65,16 +65,20 @@ class DecodeTable:
     most_partial: int
 
     def to(self, device) -> DecodeTable:
-        return DecodeTable(
-            self.full_num.to(device),
-            self.full_idx.to(device),
-            self.part_num.to(device),
-            self.part_idx.to(device),
-            self.block_kv,
-            self.classes,
-            self.most_full,
-            self.most_partial,
-        )
+        """The table on ``device``. To a GPU it travels as one packed copy from pinned memory,
+        issued asynchronously: building a decode step's table never waits for the device."""
+        device = torch.device(device)
+        parts = (self.full_num, self.full_idx, self.part_num, self.part_idx)
+        if device.type == "cuda":
+            packed = torch.cat([t.reshape(-1) for t in parts]).pin_memory().to(device, non_blocking=True)
+            moved, start = [], 0
+            for t in parts:
+                moved.append(packed[start : start + t.numel()].view(t.shape))
+                start += t.numel()
+        else:
+            moved = [t.to(device) for t in parts]
+        fn, fi, pn, pi = moved
+        return DecodeTable(fn, fi, pn, pi, self.block_kv, self.classes, self.most_full, self.most_partial)
 
     def visited(self) -> torch.Tensor:
         """[Hkv] kv blocks each kv head visits."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attncc.codegen.common import unit_stride_rows
 from attncc.codegen.decode.table import DecodeTable, decode_table
 from attncc.ir.plan import AttentionPlan
 
@@ -152,7 +153,7 @@ def _gather(x: torch.Tensor, c: _Class, dtype: torch.dtype) -> torch.Tensor:
         x = torch.cat([x.narrow(2, a, n) for a, n in c.runs], 2)
     else:
         x = x.index_select(2, c.tokens)
-    return x.to(dtype)
+    return unit_stride_rows(x.to(dtype))[0]
 
 
 def decode_torch_forward(
@@ -162,6 +163,7 @@ def decode_torch_forward(
     path (:func:`attncc.codegen.decode.table.unsupported` is None). Rows with no allowed key give
     zeros and ``lse = -inf``."""
     prep = _prepare(plan)
+    (q,) = unit_stride_rows(q)  # k and v: their kept tokens, after the gather
     b, h, sq, d = q.shape
     g = plan.gqa_group
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
