@@ -29,6 +29,7 @@ from attncc.codegen.decode.launch import decode_fwd
 from attncc.codegen.decode.torch_path import decode_torch_forward
 from attncc.codegen.forward.launch import attention_fwd
 from attncc.codegen.forward.reference import attention_reference
+from attncc.codegen.nonfinite import with_nonfinite_keys
 from attncc.codegen.selectors import run as selectors
 from attncc.codegen.selectors.layout import selection_shape
 from attncc.codegen.torch_exec import attention_torch_backward, attention_torch_forward
@@ -83,7 +84,7 @@ EXECUTORS: dict[str, Executor] = {
             "torch",
             "cpu",
             None,
-            attention_torch_forward,
+            functools.partial(with_nonfinite_keys, attention_torch_forward),
             attention_torch_backward,
             "the block-sparse CPU path over ATen's fused attention",
             decode_torch_forward,
@@ -116,12 +117,21 @@ def run(
     data-dependent selectors estimates and selects its blocks first."""
     ex = resolve_executor(executor, q.device)
     check_inputs(plan, q, k, v, mask)
+    if plan.q_len == 0 or plan.kv_len == 0:
+        return _no_pairs(plan, q)
     if plan.is_dynamic:
         selected = selectors.select_blocks(plan, q, k, ex.target)
         return selectors.attend(plan, q, k, v, mask, selected, ex.target)
     if ex.decode is not None and decode_table.unsupported(plan) is None:
         return ex.decode(plan, q, k, v, mask)
     return ex.forward(plan, q, k, v, mask)
+
+
+def _no_pairs(plan: AttentionPlan, q: Tensor) -> tuple[Tensor, Tensor]:
+    """No queries or no keys: eager SDPA's shapes, every row empty (zeros, ``lse = -inf``)."""
+    b = q.shape[0]
+    out = q.new_zeros(b, plan.num_heads, plan.q_len, plan.head_dim_v)
+    return out, torch.full((b, plan.num_heads, plan.q_len), float("-inf"), device=q.device)
 
 
 def run_backward(
@@ -150,6 +160,8 @@ def run_backward(
     ):
         if tuple(t.shape) != shape:
             raise ValueError(f"attention backward: {what} has shape {list(t.shape)}, the plan expects {list(shape)}")
+    if plan.q_len == 0 or plan.kv_len == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if plan.is_dynamic:
         raise ValueError(
             f"rule '{plan.rule}': attention with data-dependent block selection has no backward yet "

@@ -80,9 +80,7 @@ def test_fake_strides_equal_real_strides(executor):
     with FakeTensorMode() as mode:
         fq, fk, fv, fo, fl, fd = (mode.from_tensor(t) for t in (q, k, v, out, lse, dout))
         fake_out = torch.ops.attncc.attention(fq, fk, fv, None, None, None, key, executor)
-        fake_grads = torch.ops.attncc.attention_backward(
-            fq, fk, fv, fo, fl, fd, None, None, None, None, key, executor
-        )
+        fake_grads = torch.ops.attncc.attention_backward(fq, fk, fv, fo, fl, fd, None, None, None, None, key, executor)
     for real, fake in zip((*out_lse(out, lse), *grads), (*fake_out, *fake_grads)):
         assert tuple(real.shape) == tuple(fake.shape) and real.stride() == fake.stride()
 
@@ -111,3 +109,21 @@ def test_training_through_inductor_with_transposed_inputs(executor, fresh_compil
     torch.testing.assert_close(loss, want_loss, atol=1e-5, rtol=1e-5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("executor", ["torch", "interpret", "reference"])
+@pytest.mark.parametrize("lengths", [(0, 16), (4, 0), (0, 0)])
+def test_zero_length_sequences_give_eager_shapes(lengths, executor):
+    """No queries or no keys: eager SDPA's shapes and values (no key: zeros), lse -inf, and
+    zero gradients through the op."""
+    q_len, kv_len = lengths
+    plan = make_plan(M.Causal(), heads=2, kv_heads=2, q_len=q_len, kv_len=kv_len, head_dim=16, block=16)
+    q = torch.randn(1, 2, q_len, 16, requires_grad=True)
+    k = torch.randn(1, 2, kv_len, 16, requires_grad=True)
+    v = torch.randn(1, 2, kv_len, 16, requires_grad=True)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out, lse = torch.ops.attncc.attention(q, k, v, None, None, None, register_plan(plan), executor)
+    assert out.shape == want.shape and torch.equal(out, torch.zeros_like(want))
+    assert lse.shape == (1, 2, q_len) and bool(torch.isneginf(lse).all())
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or not bool(g.any()) for g in grads)

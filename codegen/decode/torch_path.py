@@ -182,7 +182,10 @@ def decode_torch_forward(
             bias, dead = c.bias[dtype] if c.bias is not None else None, c.dead
             if mask_tensor is not None:
                 bias, dead = _with_model_mask(plan, mask_tensor, c, bias, (b, h, sq), dtype, kk.shape[2])
-            o, lse = _fwd(qq, kk, vv, 0.0, False, attn_mask=bias, scale=plan.scale)
+            if bool(torch.isfinite(kk).all()):
+                o, lse = _fwd(qq, kk, vv, 0.0, False, attn_mask=bias, scale=plan.scale)
+            else:
+                o, lse = _by_selection(qq, kk, vv, bias, plan.scale)
             lse = lse.float()
             if dead is not None:
                 lse = lse.masked_fill(dead, _NEG)
@@ -198,6 +201,19 @@ def decode_torch_forward(
         out = out.reshape(b, h, sq, -1).index_select(1, inverse)
         lse = lse.reshape(b, h, sq).index_select(1, inverse)
     return out.reshape(b, h, sq, -1).to(q.dtype), lse.reshape(b, h, sq).contiguous()
+
+
+def _by_selection(qq, kk, vv, bias, scale: float):
+    """Attention masking by selection where ``bias`` is ``-inf``: a non-finite kept key reaches
+    exactly the rows that may see it (an additive bias would spread its NaN to every row)."""
+    scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale
+    allowed = torch.ones((), dtype=torch.bool) if bias is None else ~torch.isneginf(bias)
+    if bias is not None:
+        scores = torch.where(allowed, scores + bias.masked_fill(~allowed, 0.0), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.where(allowed, torch.exp(scores - shift.unsqueeze(-1)), torch.zeros((), dtype=scores.dtype))
+    return torch.matmul(p, vv), lse
 
 
 def _with_model_mask(plan, mask_tensor, c: _Class, bias, bhs, dtype, t):
