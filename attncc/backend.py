@@ -16,6 +16,7 @@ from torch import fx
 
 from attncc.codegen import dump as kernel_dump
 from attncc.codegen.executors import NAMES as EXECUTOR_NAMES
+from attncc.codegen.files import exclusive_folder, write_file
 from attncc.codegen.forward.generate import kernel_name
 from attncc.config import config
 from attncc.counters import counters
@@ -93,14 +94,13 @@ class Dumper:
         global _graph_counter
         _graph_counter += 1
         digest = hashlib.sha256(gm.code.encode()).hexdigest()[:8]
-        self.folder = pathlib.Path(root) / f"graph_{_graph_counter:03d}_{digest}"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder = exclusive_folder(root, f"graph_{_graph_counter:03d}_{digest}")
         self.step = 0
 
     def stage(self, name: str, gm: fx.GraphModule, summary: str) -> None:
         text = f"# after {name}\n" + (f"# {summary.replace(chr(10), chr(10) + '# ')}\n" if summary else "")
         text += gm.print_readable(print_output=False, include_stride=False, include_device=False)
-        (self.folder / f"{self.step:02d}_{name}.txt").write_text(text)
+        write_file(self.folder / f"{self.step:02d}_{name}.txt", text)
         self.step += 1
 
     def manifest(self, st: pipeline.PipelineState, gm: fx.GraphModule, example_inputs: list | None) -> None:
@@ -112,7 +112,7 @@ class Dumper:
             kernel_dump.write_kernels(self.folder, plans, manifest=record, aot=bool(config.dump_aot))
         if config.dump_mlir:
             record["mlir"] = write_mlir(self.folder / "rewritten.mlir", gm, example_inputs)
-        (self.folder / "manifest.json").write_text(json.dumps(record, indent=2, default=str))
+        write_file(self.folder / "manifest.json", json.dumps(record, indent=2, default=str))
 
 
 def write_mlir(path: pathlib.Path, gm: fx.GraphModule, example_inputs: list | None) -> dict:
@@ -136,7 +136,7 @@ def write_mlir(path: pathlib.Path, gm: fx.GraphModule, example_inputs: list | No
     except Exception as e:  # noqa: BLE001 - reported in the manifest, the compile goes on
         msg = f"{type(e).__name__}: {e}".strip().splitlines()
         return {"error": "torch-mlir import failed: " + (msg[0] if msg else type(e).__name__)[:500]}
-    path.write_text(str(module) + "\n")
+    write_file(path, str(module) + "\n")
     return {"file": path.name, "dialect": "torch", "attncc_op": 'torch.operator "torch.attncc.attention"'}
 
 

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from attncc.codegen.dump import write_kernels
+from attncc.codegen.files import write_file
 from attncc.ir import masks as M
 from attncc.ir.blocks import EMPTY, FULL, PARTIAL, classify
 from attncc.ir.dtypes import DTYPES, SPELLINGS
@@ -200,7 +201,7 @@ def _dump(args: argparse.Namespace) -> int:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.setdefault("spec", str(args.spec))
     entries = write_kernels(out, [plan], manifest=manifest, archs=tuple(args.arch), aot=not args.no_aot)
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_file(manifest_path, json.dumps(manifest, indent=2) + "\n")
     for entry in entries or [k for k in manifest["kernels"] if k["plan_key"] == plan.key()]:
         print(f"{entry['kernel']}: {out / entry['file']}")
         for arch, r in entry["targets"].items():

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from attncc.codegen.cache import KernelCache, KernelFamily, default_cache
+from attncc.codegen.files import copy_file, write_file
 from attncc.codegen.forward.generate import kernel_constexprs, kernel_name, kernel_signature, launch_options
 from attncc.ir.plan import AttentionPlan
 
@@ -136,7 +137,7 @@ def write_family(
     entries, todo, owners = [], [], []
     for plan in unique:
         src = default_cache().source(plan, family)
-        shutil.copyfile(src, out / src.name)
+        copy_file(src, out / src.name)
         entry = {"plan_key": plan.key(), "pattern": plan.pattern, "file": src.name, "kernels": names(plan)}
         entry["targets"] = {}
         entries.append(entry)
@@ -200,10 +201,7 @@ def _compile_one(job: dict) -> dict:
         if ext in compiled.asm:
             path = out / f"{job['kernel']}.{ext}"
             data = compiled.asm[ext]
-            if isinstance(data, bytes):
-                path.write_bytes(data)
-            else:
-                path.write_text(data)
+            write_file(path, data)
             files[ext] = str(path)
     result = {
         "arch": f"sm_{job['arch']}",

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 
 from attncc.codegen.aot import compile_plans
 from attncc.codegen.backward.launch import write_backward_kernels
 from attncc.codegen.cache import KernelCache, default_cache
 from attncc.codegen.decode.launch import write_decode_kernels
+from attncc.codegen.files import copy_file, write_file
 from attncc.codegen.forward.generate import kernel_name
 from attncc.codegen.selectors.layout import layout
 from attncc.ir.plan import AttentionPlan, plan_density
@@ -71,8 +71,8 @@ def write_kernels(
     entries = []
     for plan in unique:
         src = cache.source(plan)
-        shutil.copyfile(src, out / src.name)
-        (out / f"{src.stem}.plan.txt").write_text(plan.describe() + "\n")
+        copy_file(src, out / src.name)
+        write_file(out / f"{src.stem}.plan.txt", plan.describe() + "\n")
         entries.append(
             {
                 "kernel": kernel_name(plan),
