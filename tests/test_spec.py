@@ -19,36 +19,27 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BAD = pathlib.Path(__file__).parent / "specs" / "bad"
 READY = sorted((ROOT / "specs").glob("*.yaml"))
 
-# file -> (line, key path, pattern the message must contain)
-BAD_SPECS = {
-    "unknown_key.yaml": (4, "rules/0/masks", r"unknown key 'masks' \(did you mean 'mask'\?\)"),
-    "misspelled_primitive.yaml": (4, "rules/0/mask/all/1/windw", r"unknown mask 'windw' \(did you mean 'window'\?\)"),
-    "negative_window.yaml": (3, "masks/local/window", r"window must be >= 1, got -4"),
-    "reversed_layer_range.yaml": (3, "rules/0/where/layers", r"layer range '3-1' ends before it starts"),
-    "malformed_layer_range.yaml": (3, "rules/0/where/layers", r"malformed layer range '1..4'.*'0-1'"),
-    "yaml_syntax.yaml": (4, "", r"YAML syntax error"),
-    "wrong_version.yaml": (1, "attncc", r"unsupported spec version 2; this attncc reads 'attncc: 1'"),
-    "python_tag.yaml": (3, "", r"no Python tags"),
-    "duplicate_key.yaml": (5, "rules/0/mask", r"duplicate key 'mask'"),
-    "not_a_mapping.yaml": (1, "", r"a spec is a mapping .* got a list"),
-    "missing_version.yaml": (1, "", r"missing the format version 'attncc: 1'"),
-    "block_size_not_pow2.yaml": (2, "block_size", r"powers of two >= 16, got 48"),
-    "tile_does_not_divide.yaml": (4, "rules/0/permute/tile/0", r"permute.tile\[0\] = 3 does not divide grid\[0\] = 4"),
-    "shadowed_primitive.yaml": (3, "masks/causal", r"shadows a primitive"),
-    "unknown_score.yaml": (3, "rules/0/mask/topk/score", r"unknown score 'mean_pol' \(did you mean 'mean_pool'\?\)"),
-    "undefined_mask_name.yaml": (
-        5,
-        "rules/0/mask/all/1",
-        r"unknown mask 'streamin' \(did you mean 'streaming'\?\).*\(streaming\)",
-    ),
-    "misspelled_where_key.yaml": (3, "rules/0/where/modul", r"unknown key 'modul' \(did you mean 'module'\?\)"),
-    "tile3d_grid_not_triple.yaml": (3, "rules/0/mask/tile3d/grid", r"tile3d.grid must be a list of three integers"),
-    "empty.yaml": (None, "", r"the spec is empty"),
-}
+
+#: every file ends with ``# expect: <line or -> | <key path or *> | <regex of the message>``
+#: (or ``# expect: valid``: a spec that loads and fails later, tested by name below)
+def bad_specs() -> dict[str, tuple[int | None, str, str]]:
+    out = {}
+    for path in sorted(BAD.glob("*.yaml")):
+        last = path.read_text().rstrip("\n").rsplit("\n", 1)[-1]
+        m = re.fullmatch(r"# expect: (\d+|-) \| (\S*) \| (.+)", last)
+        if last.startswith("# expect: valid"):
+            continue
+        assert m, f"{path.name} has no '# expect: line | path | regex' last line"
+        out[path.name] = (None if m.group(1) == "-" else int(m.group(1)), m.group(2), m.group(3))
+    return out
+
+
+BAD_SPECS = bad_specs()
 
 
 def test_every_bad_spec_file_has_an_expectation():
     assert {p.name for p in BAD.glob("*.yaml")} == set(BAD_SPECS) | {"head_out_of_range.yaml"}
+    assert len(BAD_SPECS) >= 100
 
 
 @pytest.mark.parametrize("name", sorted(BAD_SPECS))
@@ -59,7 +50,8 @@ def test_bad_spec_is_a_located_spec_error(name):
     err = info.value
     assert err.source.endswith(name) and str(err).startswith(str(BAD / name))
     assert err.line == line, str(err)
-    assert "/".join(map(str, err.path)) == path, str(err)
+    if path != "*":
+        assert "/".join(map(str, err.path)) == path, str(err)
     assert re.search(pattern, err.message), err.message
     if line is not None:
         assert f"{name}:{line}:" in str(err)
@@ -294,3 +286,37 @@ def test_fuzzed_dicts_raise_only_spec_errors(body, version):
 )
 def test_fuzzed_yaml_text_raises_only_spec_errors(text):
     _only_spec_errors("attncc: 1\n" + text + "\n")
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["path", "text"])
+def test_bad_specs_fail_fast_and_small(as_text):
+    """Every hostile file, as a path and as YAML text, is refused within 2 s and 300 MB of Python
+    allocations (the slowest and largest are printed for the record)."""
+    import time
+    import tracemalloc
+
+    worst_time, worst_mem = ("", 0.0), ("", 0)
+    for name in BAD_SPECS:
+        src = (BAD / name).read_text() if as_text else BAD / name
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        with pytest.raises(SpecError):
+            load_spec(src)
+        dt = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert dt < 2.0, f"{name}: {dt:.2f} s"
+        assert peak < 300 << 20, f"{name}: {peak >> 20} MB"
+        worst_time = max(worst_time, (name, dt), key=lambda x: x[1])
+        worst_mem = max(worst_mem, (name, peak), key=lambda x: x[1])
+    print(f"slowest {worst_time[0]} {worst_time[1]:.3f} s; largest {worst_mem[0]} {worst_mem[1] / 2**20:.1f} MB")
+
+
+def test_spec_size_limit(tmp_path):
+    """A spec over 1 MB is refused before it is parsed, as a file and as text."""
+    text = "attncc: 1\ndescription: '" + "x" * (1 << 20) + "'\nrules:\n  - mask: causal\n"
+    path = tmp_path / "huge.yaml"
+    path.write_text(text)
+    for src in (path, text):
+        with pytest.raises(SpecError, match="larger than 1048576 bytes"):
+            load_spec(src)

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator
 
 from attncc.ir import masks as M
+from attncc.ir.masks.args import MAX_INT
 from attncc.ir.permute import TilePermutation
 from attncc.spec.errors import Path, Positions, SpecError, error_at
 from attncc.spec.ranges import layer_matches
@@ -17,37 +18,44 @@ MaskNode = Annotated[Any, WithJsonSchema({"x-attncc-mask": True})]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: an integer is an integer ('64' and 64.0 are refused, not coerced)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+#: every integer of a spec is below this (lengths and positions are 32-bit in the kernels)
+Int = Annotated[int, Field(le=MAX_INT)]
+#: largest kernel block (a tile dimension)
+MAX_BLOCK = 256
 
 
 class EveryLayers(_Strict):
-    every: int = Field(ge=1)
-    offset: int = Field(default=0, ge=0)
+    every: int = Field(ge=1, le=MAX_INT)
+    offset: int = Field(default=0, ge=0, le=MAX_INT)
 
 
 class Where(_Strict):
-    layers: int | str | list[int] | EveryLayers | None = Field(
+    layers: Int | str | list[Int] | EveryLayers | None = Field(
         default=None, description="layer group: 3, '0-1', '3,7,11', '2-' (open end), [1, 2] or {every: N, offset: K}"
     )
     module: str | None = Field(default=None, description="glob on the module path, e.g. '*.self_attn'")
 
 
 class Permute(_Strict):
-    grid: list[int] | None = None
-    tile: list[int] | None = None
+    grid: list[Int] | None = None
+    tile: list[Int] | None = None
     by: Literal["key_importance"] | None = None
-    segment: int | None = Field(default=None, ge=1)
+    segment: int | None = Field(default=None, ge=1, le=MAX_INT)
 
 
 class Reuse(_Strict):
-    from_: str | int | None = Field(default=None, alias="from")
-    refresh_every: int | None = Field(default=None, ge=1)
-    dense_first: int | None = Field(default=None, ge=0)
+    from_: str | Int | None = Field(default=None, alias="from")
+    refresh_every: int | None = Field(default=None, ge=1, le=MAX_INT)
+    dense_first: int | None = Field(default=None, ge=0, le=MAX_INT)
 
 
 def _check_block(b: int) -> int:
-    if b < 16 or b & (b - 1):
-        raise ValueError(f"block sizes must be powers of two >= 16, got {b}")
+    if b < 16 or b > MAX_BLOCK or b & (b - 1):
+        raise ValueError(f"block sizes must be powers of two from 16 to {MAX_BLOCK}")
     return b
 
 
@@ -65,7 +73,7 @@ class Rule(_Strict):
     name: str | None = None
     where: Where = Field(default=Where(), description="which sites the rule binds; both keys optional (AND)")
     mask: MaskNode = Field(default="full", description="the mask of every head not listed under `heads`")
-    heads: dict[str | int, MaskNode] | None = Field(
+    heads: dict[str | Int, MaskNode] | None = Field(
         default=None, description="per-head overrides keyed by head lists/ranges such as '0,3' or '4-7'"
     )
     permute: Permute | None = Field(

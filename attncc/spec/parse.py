@@ -62,6 +62,10 @@ def parse_layers(value: Any) -> Any:
     return value
 
 
+#: the most query heads an attention may have (head indices are below this)
+MAX_HEADS = 4096
+
+
 def parse_heads(key: str | int) -> list[int]:
     """Head indices of a ``heads`` key such as ``'0,3'`` or ``'4-7'`` (ValueError)."""
     ranges = parse_index_set(str(key), "head")
@@ -69,6 +73,9 @@ def parse_heads(key: str | int) -> list[int]:
     for lo, hi in ranges:
         if hi is None:
             raise ValueError(f"head range '{key}' must have an end, e.g. '4-7'")
+        # checked before the range is expanded
+        if hi >= MAX_HEADS:
+            raise ValueError(f"head index {hi} in '{key}' is out of range: attention has at most {MAX_HEADS} heads")
         out.update(range(lo, hi + 1))
     return sorted(out)
 
@@ -101,18 +108,46 @@ def _check_permute(spec: Spec, i: int) -> None:
         raise error_at("permute needs {grid, tile} or {by, segment}", src, lines, base_path)
 
 
+#: bounds on a mask with its named masks expanded (kernels evaluate the whole tree per pair)
+MAX_MASK_DEPTH = 64
+MAX_MASK_NODES = 4096
+
+
+def _tree(m: M.Mask, memo: dict[int, tuple[M.Mask, int, int]]) -> tuple[int, int]:
+    """(depth, node count) of a mask tree, each shared subtree counted once per use but
+    computed once (named masks reused many times cannot blow up the computation). The memo
+    holds the masks themselves, so an id is never reused while it is there."""
+    hit = memo.get(id(m))
+    if hit is None:
+        kids = [_tree(c, memo) for c in m.children()]
+        hit = memo[id(m)] = (m, 1 + max((d for d, _ in kids), default=0), 1 + sum(n for _, n in kids))
+    return hit[1], hit[2]
+
+
 def compile_spec(spec: Spec) -> None:
     """Parse every named mask and rule mask of a validated spec into the IR (SpecError on the
     first problem); the results live on the spec (``spec.compiled(i)``)."""
     named: dict[str, M.Mask] = {}
     lines, src = spec._lines, spec._source
 
+    sizes: dict[int, tuple[M.Mask, int, int]] = {}
+
     def mask(node: Any, path: Path) -> M.Mask:
         try:
-            return parse_mask(node, named, path)
+            m = parse_mask(node, named, path)
         except M.MaskError as e:
             at = path + e.path if not e.path[: len(path)] == path else e.path
             raise error_at(e.message, src, lines, at) from None
+        depth, size = _tree(m, sizes)
+        if depth > MAX_MASK_DEPTH or size > MAX_MASK_NODES:
+            raise error_at(
+                f"this mask is {depth} levels deep with {size} nodes once named masks are expanded; "
+                f"a mask may be at most {MAX_MASK_DEPTH} deep and {MAX_MASK_NODES} nodes",
+                src,
+                lines,
+                path,
+            )
+        return m
 
     for name, node in spec.masks.items():
         if name in M.PRIMITIVES:

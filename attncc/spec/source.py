@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 from typing import Any
 
 import yaml
@@ -11,11 +12,49 @@ import yaml
 from attncc.spec.errors import Path, Positions, SpecError, line_key
 
 #: most YAML nodes a spec may hold (aliases count each time they are used)
-MAX_NODES = 100_000
+MAX_NODES = 50_000
+#: largest spec, in bytes of UTF-8 text (a spec is a page of YAML; this is hundreds of pages)
+MAX_BYTES = 1 << 20
+#: deepest nesting of YAML collections
+MAX_DEPTH = 100
+#: most digits of a plain integer (anything longer is far above every bound attncc checks)
+MAX_DIGITS = 18
+
+_SAFE = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present: the same safe subset, faster
 
 
-class _LineLoader(yaml.SafeLoader):
+class _LineLoader(_SAFE):  # type: ignore[misc,valid-type]
     """SafeLoader (no Python tags) used for both composing and loading."""
+
+
+_OPEN = (
+    yaml.BlockMappingStartToken,
+    yaml.BlockSequenceStartToken,
+    yaml.FlowMappingStartToken,
+    yaml.FlowSequenceStartToken,
+)
+_CLOSE = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+_INT = re.compile(r"[-+]?([0-9_]+|0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)")
+
+
+def _prescan(text: str, source: str) -> None:
+    """Reject, at their line, what would crash or exhaust the loader later: nesting deeper than
+    ``MAX_DEPTH`` and integers longer than ``MAX_DIGITS`` digits. One pass over the tokens (the
+    scanner does not recurse)."""
+    depth = 0
+    for tok in yaml.scan(text, Loader=_LineLoader):
+        where = (tok.start_mark.line + 1, tok.start_mark.column + 1)
+        if isinstance(tok, _OPEN):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise SpecError(f"the spec nests deeper than {MAX_DEPTH} levels", source, *where)
+        elif isinstance(tok, _CLOSE):
+            depth -= 1
+        elif isinstance(tok, yaml.ScalarToken) and tok.plain and len(tok.value) > MAX_DIGITS:
+            if _INT.fullmatch(tok.value):
+                raise SpecError(
+                    f"an integer of {len(tok.value)} characters; spec integers are below 2**31", source, *where
+                )
 
 
 def _yaml_error(e: yaml.MarkedYAMLError, template: str, source: str) -> SpecError:
@@ -77,6 +116,8 @@ def read(src: Any) -> tuple[str, Any, Positions]:
     if is_path(src):
         source = str(src)
         try:
+            if pathlib.Path(src).stat().st_size > MAX_BYTES:
+                raise SpecError(f"the spec file is larger than {MAX_BYTES} bytes (the limit on spec files)", source)
             text = pathlib.Path(src).read_text(encoding="utf-8")
         except OSError as e:
             raise SpecError(f"cannot read spec file: {e.strerror or e}", source) from None
@@ -86,9 +127,13 @@ def read(src: Any) -> tuple[str, Any, Positions]:
         source, text = "<string>", src
     else:
         raise SpecError(f"a spec is a path, YAML text, dict or attncc.Spec, got {type(src).__name__}")
+    if len(text) > MAX_BYTES or len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+        raise SpecError(f"the spec is larger than {MAX_BYTES} bytes (the limit on spec files)", source)
     lines: Positions = {}
+    loader = _LineLoader(text)
     try:
-        node = yaml.compose(text, Loader=_LineLoader)
+        _prescan(text, source)
+        node = loader.get_single_node()
     except yaml.MarkedYAMLError as e:
         raise _yaml_error(e, "YAML syntax error: {}", source) from None
     except yaml.YAMLError as e:
@@ -97,7 +142,10 @@ def read(src: Any) -> tuple[str, Any, Positions]:
         raise SpecError("the spec is empty; expected a mapping starting with 'attncc: 1'", source)
     _positions(node, (), lines, source)
     try:
-        data = yaml.load(text, Loader=_LineLoader)
+        # the data from the node already composed (one parse of the text)
+        data = loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
         raise _yaml_error(e, "YAML error: {} (only plain YAML is allowed: no Python tags)", source) from None
+    finally:
+        loader.dispose()
     return source, data, lines

@@ -15,12 +15,24 @@ def suggest(word: str | int, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def need_int(v: Any, path: Path, what: str, minimum: int = 1) -> int:
+#: the largest integer a spec may hold: lengths, positions and offsets are int32 in the kernels
+MAX_INT = 2**31 - 1
+
+
+def need_int(v: Any, path: Path, what: str, minimum: int = 1, maximum: int = MAX_INT) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise MaskError(f"{what} must be an integer >= {minimum}, got {v!r}", path)
     if v < minimum:
         raise MaskError(f"{what} must be >= {minimum}, got {v}", path)
+    if v > maximum:
+        why = "" if maximum != MAX_INT else " (lengths and positions are 32-bit in the kernels)"
+        raise MaskError(f"{what} must be <= {maximum}{why}, got {_short(v)}", path)
     return v
+
+
+def _short(v: int) -> str:
+    s = str(v)
+    return s if len(s) <= 24 else f"{s[:8]}...{s[-4:]} ({len(s)} digits)"
 
 
 def need_triple(v: Any, path: Path, what: str, minimum: int) -> tuple[int, int, int]:
@@ -66,8 +78,8 @@ class IntArg(Mask):
 
 
 # -- JSON-schema fragments of arguments -----------------------------------------------------------
-POS = {"type": "integer", "minimum": 1}
-NONNEG = {"type": "integer", "minimum": 0}
+POS = {"type": "integer", "minimum": 1, "maximum": MAX_INT}
+NONNEG = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
 TRIPLE_POS = {"type": "array", "items": POS, "minItems": 3, "maxItems": 3}
 TRIPLE_NONNEG = {"type": "array", "items": NONNEG, "minItems": 3, "maxItems": 3}
 

@@ -11,6 +11,8 @@ from attncc.ir.masks.args import NONNEG, POS, need_int, need_mapping, params
 from attncc.ir.masks.base import Mask, broadcast_shape, on_grid, register
 
 _HASH_MUL = 1274126177
+#: most random blocks per query block (each is one term of the kernel's predicate)
+MAX_N = 64
 
 #: the Triton twin of :func:`random_block_hash` (whose first mixing step the predicate inlines)
 TRITON_HASH = f"""
@@ -35,7 +37,7 @@ def random_block_hash(seed: int, head, qblock, j: int):
 def _parse(arg, path, child):
     need_mapping(arg, path, "random_blocks", ["n", "seed", "block"], [], "{n: N, seed: S, block: B}")
     return RandomBlocks(
-        need_int(arg.get("n"), path + ("n",), "random_blocks.n"),
+        need_int(arg.get("n"), path + ("n",), "random_blocks.n", 1, MAX_N),
         need_int(arg.get("seed", 0), path + ("seed",), "random_blocks.seed", 0),
         need_int(arg.get("block", 64), path + ("block",), "random_blocks.block"),
     )
@@ -44,7 +46,7 @@ def _parse(arg, path, child):
 @register(
     "random_blocks",
     "query block q//B sees n hashed kv blocks of size B (default 64)",
-    params({"n": POS, "seed": NONNEG, "block": POS}, ["n"]),
+    params({"n": {**POS, "maximum": MAX_N}, "seed": NONNEG, "block": POS}, ["n"]),
     _parse,
 )
 @dataclass(frozen=True)
