@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch import fx
+from torch._dynamo.exc import ShortenTraceback
 
 from attncc.codegen import dump as kernel_dump
 from attncc.codegen.executors import NAMES as EXECUTOR_NAMES
@@ -24,7 +25,7 @@ from attncc.ir.plan import plan_density
 from attncc.passes import pipeline
 from attncc.passes.detect import AttentionSite
 from attncc.runtime.selection_cache import SelectionCache
-from attncc.spec import Spec, load_spec
+from attncc.spec import Spec, SpecError, load_spec
 
 log = logging.getLogger("attncc")
 
@@ -221,12 +222,29 @@ def _count(st: pipeline.PipelineState) -> None:
     counters["rewritten"] += len(st.rewritten)
 
 
+class CompileSpecError(SpecError, ShortenTraceback):
+    """A SpecError found while compiling. Dynamo lets this kind of exception through as it is, so
+    the user sees the SpecError itself (file:line: key: message), not a backend failure around it;
+    it is still a SpecError (``except attncc.SpecError`` catches it)."""
+
+    @classmethod
+    def of(cls, e: SpecError) -> CompileSpecError:
+        err = cls(e.message, e.source, e.line, e.column, e.path)
+        err.first_useful_frame = None  # ShortenTraceback's: keep the whole traceback
+        return err
+
+
 def attncc_backend(gm: fx.GraphModule, example_inputs: list, options: dict[str, Any] | None = None, **kwargs):
     """torch.compile backend: ``torch.compile(m, backend="attncc", options={...})``."""
     if kwargs:
         raise TypeError(f"attncc backend got unexpected arguments {sorted(kwargs)}; pass settings in options={{...}}")
-    opts = Options.parse(options)
-    run_pipeline(gm, opts, example_inputs=example_inputs)
+    try:
+        opts = Options.parse(options)
+        run_pipeline(gm, opts, example_inputs=example_inputs)
+    except CompileSpecError:
+        raise
+    except SpecError as e:
+        raise CompileSpecError.of(e) from e
     if opts.inner == "eager":
         return gm.forward
     from torch._inductor.compile_fx import compile_fx

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,9 +60,10 @@ def site_shape(site: AttentionSite) -> SiteShape:
     )
 
 
-def bind(spec: Spec, sites: list[AttentionSite], strict: bool = False) -> BindResult:
+def bind(spec: Spec, sites: list[AttentionSite], strict: bool = False, skipped: Sequence[str] = ()) -> BindResult:
     """Plan every site a rule matches (:func:`attncc.spec.plan_for`). With ``strict``, a site no
-    rule matches or a rule that matches no site is a SpecError."""
+    rule matches or a rule that matches no site is a SpecError (which lists the attentions
+    detection left alone, ``skipped``, with their reasons)."""
     bound, unbound, unsupported = [], [], []
     used: set[int] = set()
     supported = {d.torch for d in DTYPES.values()}
@@ -93,9 +95,10 @@ def bind(spec: Spec, sites: list[AttentionSite], strict: bool = False) -> BindRe
             )
         for i in range(len(spec.rules)):
             if i not in used:
+                left = f"; not rewritten: {'; '.join(skipped)}" if skipped else ""
+                found = ", ".join(f"{s.module or '<top>'}@{s.layer}" for s in sites) or "none"
                 raise spec.error(
-                    f"strict: rule '{spec.rule_name(i)}' matches no attention in this graph "
-                    f"(sites: {', '.join(f'{s.module}@{s.layer}' for s in sites) or 'none'})",
+                    f"strict: rule '{spec.rule_name(i)}' matches no attention in this graph (sites: {found}{left})",
                     ("rules", i),
                 )
     return BindResult(bound, unbound, unsupported)
@@ -109,5 +112,5 @@ class Bind:
     spec: Spec
     strict: bool = False
 
-    def __call__(self, sites: list[AttentionSite]) -> BindResult:
-        return bind(self.spec, sites, self.strict)
+    def __call__(self, sites: list[AttentionSite], skipped: Sequence[str] = ()) -> BindResult:
+        return bind(self.spec, sites, self.strict, skipped)

@@ -57,7 +57,7 @@ def _detect(gm: fx.GraphModule, st: PipelineState) -> str:
 
 def _bind(gm: fx.GraphModule, st: PipelineState) -> str:
     assert st.detected is not None
-    st.bound = Bind(st.spec, st.strict)(st.detected.sites)
+    st.bound = Bind(st.spec, st.strict)(st.detected.sites, [sk.describe() for sk in st.detected.skipped])
     for b in st.bound.bound:
         s = b.site
         log.info("site %d (%s, layer %d) -> rule '%s', plan %s", s.index, s.module, s.layer, b.rule, b.plan.key())

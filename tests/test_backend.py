@@ -341,3 +341,29 @@ def test_an_attention_reading_another_attentions_output():
     compiled = compile_(Chained())
     torch.testing.assert_close(compiled(q, k, v), Chained()(q, k, v), atol=1e-5, rtol=1e-5)
     assert counters["rewritten"] == 2
+
+
+class _Dropped(torch.nn.Module):
+    """An attention detection must leave alone: dropout on the probabilities in training."""
+
+    def forward(self, q):
+        p = torch.nn.functional.dropout((q @ q.transpose(-1, -2)).softmax(-1), p=0.5, training=True)
+        return p @ q
+
+
+def test_compile_time_spec_error_reaches_the_user_as_itself(fresh_compiler):
+    """Dynamo passes the SpecError through unwrapped: its text comes first, it is a SpecError."""
+    sdpa = torch.nn.Module()
+    sdpa.forward = lambda q: torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    q = torch.randn(1, 2, 32, 16)
+    with pytest.raises(attncc.SpecError) as info:
+        torch.compile(sdpa.forward, backend="attncc", options={"spec": "attncc: 1\nrules: []\n"})(q)
+    assert str(info.value).startswith("<string>:2:8: at rules:")
+    assert "BackendCompilerFailed" not in type(info.value).__name__
+
+
+def test_strict_names_the_attentions_it_left_alone(fresh_compiler):
+    spec = {"attncc": 1, "rules": [{"name": "only", "mask": {"window": 4}}]}
+    compiled = torch.compile(_Dropped(), backend="attncc", options={"spec": spec, "strict": True})
+    with pytest.raises(attncc.SpecError, match=r"rule 'only' matches no attention .*not rewritten: .*dropout"):
+        compiled(torch.randn(1, 2, 16, 8))

@@ -196,3 +196,16 @@ def test_console_entry_point_runs():
         timeout=120,
     )
     assert done.returncode == 0 and "power.yaml: ok" in done.stdout
+
+
+def test_every_hostile_spec_is_a_one_line_error_in_validate_and_explain(capsys):
+    """validate and explain print the SpecError (file:line) for every file of the hostile
+    corpus and exit 1: no traceback, whatever the input."""
+    bad = [p for p in sorted(BAD.glob("*.yaml")) if p.name != "head_out_of_range.yaml"]
+    assert main(["validate", *map(str, bad)]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err + out.out
+    for path in bad:
+        assert main(["explain", str(path), "--q-len", "64", "--heads", "4", "--layers", "2"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and str(path) in err, err
