@@ -213,3 +213,10 @@ def test_decode_kernels_compile_for_sm90(tmp_path):
         assert ".target sm_90" in ptx and f".entry {name}" in ptx
     assert "data" in refused[topk.key()]
     assert "grid" in refused[video.key()]
+
+
+@pytest.mark.parametrize("decoder", list(DECODERS))
+def test_a_mask_that_keeps_no_key(decoder):
+    """Found by the fuzz: a decode step whose mask keeps nothing gives zeros and lse -inf."""
+    plan = decode_plan(M.Not(M.Full()), q_len=1)
+    check(plan, DECODERS[decoder])

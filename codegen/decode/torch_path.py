@@ -146,6 +146,8 @@ def _prepare(plan: AttentionPlan) -> _Prepared:
 def _gather(x: torch.Tensor, c: _Class, dtype: torch.dtype) -> torch.Tensor:
     """``[B, n, T, D]``: the class's kv heads at its kept tokens, in ``dtype``."""
     x = x.narrow(1, c.first, c.n)
+    if not c.runs:  # no key kept at all
+        return x.narrow(2, 0, 0).to(dtype)
     if len(c.runs) == 1:
         start, length = c.runs[0]
         x = x.narrow(2, start, length)
