@@ -17,11 +17,13 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
-from attncc.codegen.cache import KernelCache, KernelFamily, default_cache
+from attncc.codegen.cache import FORWARD, KernelCache, KernelFamily, default_cache
 from attncc.codegen.files import copy_file, write_file
-from attncc.codegen.forward.generate import kernel_constexprs, kernel_name, kernel_signature, launch_options
+from attncc.codegen.forward.generate import kernel_name
 from attncc.ir.plan import AttentionPlan
 
 #: compute capabilities compiled by default: Hopper, Ampere
@@ -32,7 +34,8 @@ TIMEOUT_S = 600
 
 @dataclass(frozen=True)
 class Job:
-    """One kernel to compile: its source file, name, signature and constexprs, for ``arch``."""
+    """One kernel to compile: its source file, name, the signature, constexprs and attributes the
+    JIT derives from a real launch (:func:`recorded_jobs`), for ``arch``."""
 
     source: str
     kernel: str
@@ -42,19 +45,97 @@ class Job:
     out_dir: str
     num_warps: int = 4
     num_stages: int = 2
+    #: per argument name, Triton's attributes (``[["tt.divisibility", 16]]``)
+    attrs: dict = field(default_factory=dict)
+    #: what the launch was specialised for (shown in the manifest)
+    specialised_for: str = ""
 
 
-def job_for(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike, cache: KernelCache | None = None) -> Job:
-    cache = cache or default_cache()
-    return Job(
-        str(cache.source(plan)),
-        kernel_name(plan),
-        kernel_signature(plan),
-        kernel_constexprs(plan),
-        arch,
-        str(out_dir),
-        **launch_options(plan),
-    )
+@dataclass
+class _Launch:
+    name: str
+    fn: Any
+    args: tuple
+    kwargs: dict
+
+
+class _Recorder:
+    """Stands in for a ``JITFunction``: ``kernel[grid](...)`` records the launch, runs nothing."""
+
+    def __init__(self, name: str, fn: Any, launches: list[_Launch]):
+        self.name, self.fn, self.launches = name, fn, launches
+        self.arg_names = fn.arg_names
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(_Launch(self.name, self.fn, args, kwargs))
+
+        return launch
+
+
+class _RecordingModule:
+    def __init__(self, module: ModuleType, launches: list[_Launch]):
+        self._module, self._launches = module, launches
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._module, name)
+        if hasattr(attr, "arg_names") and hasattr(attr, "params"):
+            return _Recorder(name, attr, self._launches)
+        return attr
+
+
+class RecordingCache(KernelCache):
+    """A kernel cache whose kernels record their launches instead of running them: a launcher run
+    with CPU tensors of the real shapes, through this cache, yields exactly the arguments the
+    GPU launch passes (``target`` ``cuda``: the modules are imported for the compiler)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.launches: list[_Launch] = []
+
+    def module(self, plan: AttentionPlan, target: str, family: KernelFamily = FORWARD) -> Any:  # type: ignore[override]
+        return _RecordingModule(super().module(plan, "cuda", family), self.launches)
+
+    def kernel(self, plan: AttentionPlan, target: str):
+        return getattr(self.module(plan, target), kernel_name(plan))
+
+
+def recorded_jobs(
+    launch: Callable[[KernelCache], object], family: KernelFamily, plan: AttentionPlan, arch: int, out_dir, what: str
+) -> list[Job]:
+    """``Job``s for every kernel ``launch(cache)`` launches, each with the signature, constexprs
+    and divisibility attributes Triton's JIT derives from those very arguments (pointers 16-byte
+    aligned, integers divisible by 16, integers equal to 1 made constants): the compiled kernel is
+    the one that runs for that call."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import create_function_from_signature
+
+    cache = RecordingCache(default_cache().root)
+    launch(cache)
+    backend = CUDABackend(GPUTarget("cuda", arch, 32))
+    path = str(cache.source(plan, family))
+    jobs = []
+    for rec in cache.launches:
+        binder = create_function_from_signature(rec.fn.signature, rec.fn.params, backend)
+        bound, specialization, extra = binder(*rec.args, **rec.kwargs)
+        options, signature, constexprs, attrs = rec.fn._pack_args(backend, rec.kwargs, bound, specialization, extra)
+        names = rec.fn.arg_names
+        jobs.append(
+            Job(
+                path,
+                rec.name,
+                dict(signature),
+                {names[k[0]]: v for k, v in constexprs.items()},
+                arch,
+                str(out_dir),
+                options.num_warps,
+                options.num_stages,
+                {names[k[0]]: v for k, v in attrs.items() if v},
+                what,
+            )
+        )
+    return jobs
 
 
 def compile_jobs(jobs: list[Job], timeout: float = TIMEOUT_S, workers: int = 1) -> list[dict]:
@@ -97,23 +178,6 @@ def compile_jobs(jobs: list[Job], timeout: float = TIMEOUT_S, workers: int = 1) 
         for i, r in zip(share, json.loads(stdout.strip().splitlines()[-1])):
             results[i] = r
     return results
-
-
-def compile_plans(
-    plans: list[AttentionPlan],
-    out_dir: str | os.PathLike,
-    archs=DEFAULT_ARCHS,
-    cache: KernelCache | None = None,
-    workers: int = 1,
-) -> list[list[dict]]:
-    """Per plan, one result per arch: files written under ``out_dir/<kernel file stem>/sm_<arch>/``."""
-    cache = cache or default_cache()
-    jobs = []
-    for plan in plans:
-        stem = cache.source(plan).stem
-        jobs += [job_for(plan, a, pathlib.Path(out_dir) / stem / f"sm_{a}", cache) for a in archs]
-    results = compile_jobs(jobs, workers=workers)
-    return [results[i * len(archs) : (i + 1) * len(archs)] for i in range(len(plans))]
 
 
 def write_family(
@@ -184,10 +248,12 @@ def _compile_one(job: dict) -> dict:
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     fn = getattr(mod, job["kernel"])
-    signature = dict(job["signature"])
-    signature.update({k: "constexpr" for k in job["constexprs"]})
+    index = {name: i for i, name in enumerate(fn.arg_names)}
     src = ASTSource(
-        fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in job["constexprs"].items()}
+        fn=fn,
+        signature=dict(job["signature"]),
+        constexprs={(index[k],): v for k, v in job["constexprs"].items()},
+        attrs={(index[k],): v for k, v in job.get("attrs", {}).items()},
     )
     compiled = triton.compile(
         src,
@@ -206,6 +272,7 @@ def _compile_one(job: dict) -> dict:
     result = {
         "arch": f"sm_{job['arch']}",
         "kernel": job["kernel"],
+        "specialised_for": job.get("specialised_for", ""),
         "files": files,
         "shared_bytes": int(compiled.metadata.shared),
         "num_warps": job["num_warps"],

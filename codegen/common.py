@@ -73,3 +73,31 @@ def unit_stride_rows(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     ATen's fused CPU attention reads rows as dense vectors and silently misreads any other
     last-dim stride (transposed or sliced heads). Copies only what needs it, once per call."""
     return tuple(x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous() for x in xs)
+
+
+def example_inputs(plan: AttentionPlan, batch: int = 1) -> dict[str, torch.Tensor | None]:
+    """Uninitialised CPU tensors with the shapes, dtypes and layout of a call of ``plan`` (q, k, v,
+    out, lse, dout and the model's mask tensor when the plan takes one): what ahead-of-time
+    compiles launch with to see the arguments the real launch passes. Nothing is computed."""
+    dt = plan.torch_dtype
+    h, hkv, sq, skv = plan.num_heads, plan.num_kv_heads, plan.q_len, plan.kv_len
+    mask = None
+    if plan.mask_kind is not None:
+        mask = torch.empty(batch, 1, sq, skv, dtype=torch.bool if plan.mask_kind == "bool" else dt)
+    return {
+        "q": torch.empty(batch, h, sq, plan.head_dim, dtype=dt),
+        "k": torch.empty(batch, hkv, skv, plan.head_dim, dtype=dt),
+        "v": torch.empty(batch, hkv, skv, plan.head_dim_v, dtype=dt),
+        "out": torch.empty(batch, h, sq, plan.head_dim_v, dtype=dt),
+        "lse": torch.empty(batch, h, sq, dtype=torch.float32),
+        "dout": torch.empty(batch, h, sq, plan.head_dim_v, dtype=dt),
+        "mask": mask,
+    }
+
+
+def shape_text(plan: AttentionPlan, batch: int = 1) -> str:
+    """The call a recorded ahead-of-time compile was specialised for, in words."""
+    return (
+        f"B={batch} H={plan.num_heads} Hkv={plan.num_kv_heads} q_len={plan.q_len} kv_len={plan.kv_len} "
+        f"D={plan.head_dim}/{plan.head_dim_v} {plan.dtype}, contiguous 16-byte-aligned tensors"
+    )

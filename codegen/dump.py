@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import pathlib
 
-from attncc.codegen.aot import compile_plans
 from attncc.codegen.backward.launch import write_backward_kernels
 from attncc.codegen.cache import KernelCache, default_cache
 from attncc.codegen.decode.launch import write_decode_kernels
 from attncc.codegen.files import copy_file, write_file
 from attncc.codegen.forward.generate import kernel_name
+from attncc.codegen.forward.launch import compile_plans
 from attncc.codegen.selectors.layout import layout
 from attncc.ir.plan import AttentionPlan, plan_density
 

@@ -19,12 +19,11 @@ import torch
 from support import LSE_ATOL, OUT_ATOL, inputs, make_plan, nonempty_blocks
 
 from attncc.cli import main
-from attncc.codegen.aot import compile_plans
 from attncc.codegen.cache import KernelCache
 from attncc.codegen.dump import write_kernels
 from attncc.codegen.executors import run
 from attncc.codegen.forward.generate import CodegenError, emit_mask_predicate, generate_forward, kernel_name
-from attncc.codegen.forward.launch import attention_fwd
+from attncc.codegen.forward.launch import attention_fwd, compile_plans
 from attncc.codegen.forward.reference import attention_reference
 from attncc.ir import masks as M
 from attncc.ir.dtypes import DTYPES

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from attncc.codegen.aot import Job, write_family
+from attncc.codegen.aot import Job, recorded_jobs, write_family
 from attncc.codegen.backward.generate import kernel_names
 from attncc.codegen.cache import BACKWARD, KernelCache, default_cache
-from attncc.codegen.common import mask_argument, next_pow2
+from attncc.codegen.common import example_inputs, mask_argument, next_pow2, shape_text
 from attncc.ir.blocks import BlockTable
-from attncc.ir.dtypes import DTYPES, dtype_name
+from attncc.ir.dtypes import dtype_name
 from attncc.ir.plan import AttentionPlan
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -62,63 +62,27 @@ def _contiguous(t: BlockTable) -> BlockTable:
     )
 
 
-def backward_signatures(plan: AttentionPlan) -> dict[str, dict[str, str]]:
-    """Triton types of each backward kernel's run-time arguments, in order (ahead-of-time compiles)."""
-    elem = f"*{DTYPES[plan.dtype].triton}"
-    mask = {"bool": "*u8", "additive": elem, None: "*i64"}[plan.mask_kind]
-    rows = (("q", "m"), ("k", "n"), ("v", "n"), ("do", "m"))
-    strides = {f"stride_{t}{d}": "i32" for t, row in rows for d in "bh" + row}
-    tables = {"PartialNum": "*i32", "PartialIdx": "*i32", "FullNum": "*i32", "FullIdx": "*i32", "Visits": "*i32"}
-    common = {"Q": elem, "K": elem, "V": elem, "DO": elem, "LSE": "*fp32", "Delta": "*fp32"}
-    pointers = {"MaskT": mask, "QOrder": "*i64", "KVOrder": "*i64", "HeadProgram": "*i32"}
-    mask_strides = {f"stride_m{d}": "i32" for d in "bhmn"}
-    return {
-        "preprocess": {
-            "Out": elem,
-            "DOut": elem,
-            "Delta": "*fp32",
-            **{f"stride_{t}{d}": "i32" for t in ("o", "do") for d in "bhm"},
-        },
-        "dkdv": {
-            **common,
-            "DK": elem,
-            "DV": elem,
-            **pointers,
-            **tables,
-            **strides,
-            **{f"stride_{t}{d}": "i32" for t in ("dk", "dv") for d in "bhn"},
-            **mask_strides,
-            "sm_scale": "fp32",
-        },
-        "dq": {
-            **common,
-            "DQ": elem,
-            **pointers,
-            **tables,
-            **strides,
-            **{f"stride_dq{d}": "i32" for d in "bhm"},
-            **mask_strides,
-            "sm_scale": "fp32",
-        },
-    }
+def backward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) -> list[Job]:
+    """``Job``s compiling the plan's three backward kernels for ``sm_<arch>`` as the JIT builds
+    them for a call of the plan's shapes (batch 1, contiguous tensors)."""
+    x = example_inputs(plan)
 
+    def launch(cache: KernelCache) -> None:
+        attention_bwd(
+            plan, x["q"], x["k"], x["v"], x["out"], x["lse"], x["dout"], x["mask"], target="cuda", cache=cache
+        )
 
-def backward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) -> list:
-    """``attncc.codegen.aot.Job``s compiling the plan's three backward kernels for ``sm_<arch>``."""
-    path = str(default_cache().source(plan, BACKWARD))
-    names = kernel_names(plan)
-    consts = backward_constexprs(plan)
-    sigs = backward_signatures(plan)
-    roles = ("preprocess", "dkdv", "dq")
-    return [Job(path, names[r], sigs[r], consts[r], arch, str(out_dir), **launch_options(plan, r)) for r in roles]
+    return recorded_jobs(launch, BACKWARD, plan, arch, out_dir, shape_text(plan))
 
 
 def launch_options(plan: AttentionPlan, role: str) -> dict[str, int]:
     """``num_warps`` / ``num_stages`` of a backward kernel (the launcher and the AOT compiles agree).
-    Not tuned on hardware yet: the forward's rule, more warps past head dim 128."""
+    Not tuned on hardware yet: more warps past head dim 128; dK/dV unpipelined, because its two
+    fp32 accumulators leave no registers for a second stage (sm_90, as the JIT builds it: d128
+    bf16 spills 424 B with 2 stages, 16 B with 1; d64 fp16 16 B and none)."""
     return {
         "num_warps": 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4,
-        "num_stages": 1 if role == "preprocess" else 2,
+        "num_stages": 1 if role in ("preprocess", "dkdv") else 2,
     }
 
 

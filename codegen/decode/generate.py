@@ -15,7 +15,6 @@ from __future__ import annotations
 from attncc.codegen.common import next_pow2
 from attncc.codegen.decode.table import decode_rows
 from attncc.codegen.forward.generate import PREAMBLE, check_supported, kernel_helpers
-from attncc.ir.dtypes import DTYPES
 from attncc.ir.plan import AttentionPlan
 from attncc.version import __version__
 
@@ -46,41 +45,6 @@ def decode_constexprs(plan: AttentionPlan, *, dot_fp32: bool = False) -> dict:
         "EVEN_DV": plan.head_dim_v == max(16, next_pow2(plan.head_dim_v)),
         "DOT_FP32": dot_fp32,
     }
-
-
-def decode_signature(plan: AttentionPlan) -> dict[str, str]:
-    """Triton types of the decode kernel's run-time arguments, in order (ahead-of-time compiles)."""
-    elem = DTYPES[plan.dtype].triton
-    sig = {
-        "Q": f"*{elem}",
-        "K": f"*{elem}",
-        "V": f"*{elem}",
-        "OutPart": "*fp32",
-        "LsePart": "*fp32",
-        "MaskTensor": "*i8" if plan.mask_kind != "additive" else f"*{elem}",
-        "HeadToProgram": "*i32",
-        "FullNum": "*i32",
-        "FullIdx": "*i32",
-        "PartNum": "*i32",
-        "PartIdx": "*i32",
-    }
-    for t in "qkvm":
-        for dim in "bhsd" if t != "m" else "bhqk":
-            sig[f"stride_{t}{dim}"] = "i32"
-    sig.update(
-        {
-            "qk_scale": "fp32",
-            "Q_LEN": "i32",
-            "KV_LEN": "i32",
-            "Q_OFFSET": "i32",
-            "NUM_SPLITS": "i32",
-            "FULL_WIDTH": "i32",
-            "PART_WIDTH": "i32",
-            "FULL_PER_SPLIT": "i32",
-            "PART_PER_SPLIT": "i32",
-        }
-    )
-    return sig
 
 
 _HEADER = '''\

@@ -8,17 +8,15 @@ import pathlib
 
 import torch
 
-from attncc.codegen.aot import Job, write_family
+from attncc.codegen.aot import Job, recorded_jobs, write_family
 from attncc.codegen.cache import DECODE, KernelCache, default_cache
-from attncc.codegen.common import mask_argument
+from attncc.codegen.common import example_inputs, mask_argument, shape_text
 from attncc.codegen.decode.generate import (
     decode_constexprs,
     decode_kernel_name,
-    decode_signature,
     merge_kernel_name,
 )
 from attncc.codegen.decode.table import DecodeTable, decode_table, unsupported
-from attncc.ir.dtypes import DTYPES
 from attncc.ir.masks.base import MaskError
 from attncc.ir.plan import AttentionPlan
 
@@ -130,13 +128,6 @@ def merge_constexprs(plan: AttentionPlan) -> dict:
     }
 
 
-def merge_signature(plan: AttentionPlan) -> dict[str, str]:
-    sig = {"OutPart": "*fp32", "LsePart": "*fp32", "Out": f"*{DTYPES[plan.dtype].triton}", "Lse": "*fp32"}
-    sig.update({f"stride_o{d}": "i32" for d in "bhsd"})
-    sig.update({"Q_LEN": "i32", "NUM_SPLITS": "i32"})
-    return sig
-
-
 def decode_specialisation(plan: AttentionPlan) -> AttentionPlan:
     """The plan of one decode step (one query after all the plan's keys): what the dump compiles."""
     return plan.at(1, plan.kv_len, plan.kv_len - 1)
@@ -146,15 +137,20 @@ def decode_names(plan: AttentionPlan) -> dict[str, str]:
     return {"decode": decode_kernel_name(plan), "merge": merge_kernel_name(plan)}
 
 
+#: splits the dump's decode compiles assume (a run-time argument; 1 would be made a constant)
+AOT_SPLITS = 4
+
+
 def decode_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) -> list[Job]:
-    """``Job``s compiling a decode step's split-KV kernel and its merge for ``sm_<arch>``."""
+    """``Job``s compiling a decode step's split-KV kernel and its merge for ``sm_<arch>`` as the
+    JIT builds them for one query after all the plan's keys (batch 1, ``AOT_SPLITS`` splits)."""
     step = decode_specialisation(plan)
-    path = str(default_cache().source(step, DECODE))
-    out = str(out_dir)
-    return [
-        Job(path, decode_kernel_name(step), decode_signature(step), decode_constexprs(step), arch, out, **LAUNCH),
-        Job(path, merge_kernel_name(step), merge_signature(step), merge_constexprs(step), arch, out, 4, 1),
-    ]
+    x = example_inputs(step)
+
+    def launch(cache: KernelCache) -> None:
+        decode_fwd(step, x["q"], x["k"], x["v"], x["mask"], target="cuda", cache=cache, splits=AOT_SPLITS)
+
+    return recorded_jobs(launch, DECODE, step, arch, out_dir, shape_text(step) + f", {AOT_SPLITS} splits")
 
 
 def _refused(plan: AttentionPlan) -> str | None:

@@ -3,8 +3,8 @@
 The code depends only on the plan's mask programs and dtype (the header prints the whole
 plan); every shape, stride, block size and feature switch (permutation, model mask tensor,
 sequence padding) reaches the kernel as an argument or a ``tl.constexpr``, and
-``kernel_constexprs`` / ``kernel_signature`` are the one place the launcher and the AOT
-compiler take that specialisation from.
+``kernel_constexprs`` is the one place the launcher takes that specialisation from; the
+ahead-of-time compiles record a real launch (:func:`attncc.codegen.aot.recorded_jobs`).
 """
 
 from __future__ import annotations
@@ -71,42 +71,6 @@ def kernel_constexprs(plan: AttentionPlan, *, count_visits: bool = False, dot_fp
 def launch_options(plan: AttentionPlan) -> dict[str, int]:
     """``num_warps`` / ``num_stages`` of the forward kernel (the launcher and the AOT compiles agree)."""
     return {"num_warps": 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4, "num_stages": 2}
-
-
-def kernel_signature(plan: AttentionPlan) -> dict[str, str]:
-    """Triton types of the kernel's run-time arguments, in order (for ahead-of-time compiles)."""
-    elem = DTYPES[plan.dtype].triton
-    sig = {
-        "Q": f"*{elem}",
-        "K": f"*{elem}",
-        "V": f"*{elem}",
-        "Out": f"*{elem}",
-        "Lse": "*fp32",
-        "MaskTensor": "*i8" if plan.mask_kind != "additive" else f"*{elem}",
-        "Order": "*i64",
-    }
-    if plan.runtime_key_order:
-        sig["KvOrder"] = "*i64"
-    if len(plan.programs) > 1:
-        sig["HeadToProgram"] = "*i32"
-    sig.update(
-        {"KvNumBlocks": "*i32", "KvIndices": "*i32", "FullNumBlocks": "*i32", "FullIndices": "*i32", "Visits": "*i32"}
-    )
-    for t in "qkvom":
-        for dim in "bhsd" if t != "m" else "bhqk":
-            sig[f"stride_{t}{dim}"] = "i32"
-    sig.update(
-        {
-            "qk_scale": "fp32",
-            "Q_LEN": "i32",
-            "KV_LEN": "i32",
-            "Q_OFFSET": "i32",
-            "NUM_Q_BLOCKS": "i32",
-            "MAX_PARTIAL": "i32",
-            "MAX_FULL": "i32",
-        }
-    )
-    return sig
 
 
 def emit_mask_predicate(plan: AttentionPlan) -> str:

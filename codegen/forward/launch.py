@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
+import pathlib
 
 import torch
 
-from attncc.codegen.cache import KernelCache, default_cache
-from attncc.codegen.common import mask_argument
+from attncc.codegen.aot import Job, compile_jobs, recorded_jobs
+from attncc.codegen.cache import FORWARD, KernelCache, default_cache
+from attncc.codegen.common import example_inputs, mask_argument, shape_text
 from attncc.codegen.forward.generate import kernel_constexprs, launch_options
 from attncc.ir.blocks import BlockTable
 from attncc.ir.plan import AttentionPlan
@@ -163,3 +166,38 @@ def attention_fwd(
     grid = (table.num_q_blocks, b * h)
     kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
     return out, lse
+
+
+def forward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) -> list[Job]:
+    """The ``Job`` compiling the plan's forward kernel for ``sm_<arch>`` as the JIT builds it for a
+    call of the plan's shapes (batch 1, contiguous tensors)."""
+    x = example_inputs(plan)
+    kv_order = table = None
+    if plan.runtime_key_order:
+        kv_order = torch.zeros(1, plan.num_kv_heads, plan.kv_len, dtype=torch.int64)
+        table = plan.block_table()
+
+    def launch(cache: KernelCache) -> None:
+        attention_fwd(
+            plan, x["q"], x["k"], x["v"], x["mask"], target="cuda", cache=cache, block_table=table, kv_order=kv_order
+        )
+
+    return recorded_jobs(launch, FORWARD, plan, arch, out_dir, shape_text(plan))
+
+
+def compile_plans(
+    plans: list[AttentionPlan],
+    out_dir: str | os.PathLike,
+    archs=(90, 80),
+    cache: KernelCache | None = None,
+    workers: int = 1,
+) -> list[list[dict]]:
+    """Per plan, one result per arch: the forward kernel compiled as the JIT builds it, files
+    under ``out_dir/<kernel file stem>/sm_<arch>/``."""
+    cache = cache or default_cache()
+    jobs = []
+    for plan in plans:
+        stem = cache.source(plan).stem
+        jobs += [j for a in archs for j in forward_aot_jobs(plan, a, pathlib.Path(out_dir) / stem / f"sm_{a}")]
+    results = compile_jobs(jobs, workers=workers)
+    return [results[i * len(archs) : (i + 1) * len(archs)] for i in range(len(plans))]
