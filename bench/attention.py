@@ -83,6 +83,48 @@ def cases(heads: int) -> list[Case]:
     ]
 
 
+#: cases whose every mask lies inside causal: the model attends causally (SDPA is_causal)
+CAUSAL_CASES = {"causal", "window256", "sink64_window512", "per_head"}
+
+
+def case_spec(case: Case, block: int) -> dict:
+    """The spec that gives ``case`` through ``torch.compile(backend="attncc")``: its first
+    program for every head, the others as head overrides, its permutation."""
+    rule: dict = {"name": case.name, "mask": case.programs[0].to_spec()}
+    for i, prog in enumerate(case.programs[1:], 1):
+        heads = [h for h, p in enumerate(case.head_to_program) if p == i]
+        rule.setdefault("heads", {})[f"{heads[0]}-{heads[-1]}"] = prog.to_spec()
+    if case.permute is not None:
+        rule["permute"] = {"grid": list(case.permute.grid), "tile": list(case.permute.tile)}
+    return {"attncc": 1, "block_size": block, "rules": [rule]}
+
+
+class _Sdpa(torch.nn.Module):
+    def __init__(self, causal: bool):
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+class BaselineError(RuntimeError):
+    """A baseline was not at its best (recompiled while timed, or ran an unfused fallback)."""
+
+
+def cpu_templates() -> int:
+    """Fused C++ template kernels inductor generated so far (FlexAttention's CPU kernel is one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"].get("cpp_templated_kernel_counter", 0))
+
+
+def graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def make_plan(case: Case, seq: int, heads: int, kv_heads: int, dim: int, dtype: str, block: int) -> AttentionPlan:
     return AttentionPlan.of(
         *case.programs,
@@ -133,9 +175,10 @@ def _flex_predicate(name: str, heads: int):
     return preds[name]
 
 
-def flex_mask_mod(case: Case, plan: AttentionPlan, device=None):
-    """FlexAttention mask_mod over *kernel-order* indices (inputs are pre-permuted for Flex)."""
-    order = plan.order(device)
+def flex_mask_mod(case: Case, plan: AttentionPlan, device=None, kernel_order: bool = True):
+    """FlexAttention mask_mod over *kernel-order* indices (inputs pre-permuted for Flex), or over
+    model positions when ``kernel_order`` is False."""
+    order = plan.order(device) if kernel_order else None
     pred = _flex_predicate(case.name, plan.num_heads)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -157,17 +200,30 @@ def interleaved(
     ``warm``: names already called once (no warm-up call). ``budget_s``: a function whose
     warm-up took longer than this gets fewer repeats (at least one), so one slow baseline
     cannot eat the run's time. ``stats`` receives per function ``{"min": s, "n": repeats}``."""
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(f) -> float:
+        """Seconds of one call: CUDA events on a GPU (device time, the launch's host work only
+        where it stalls the device), the wall clock between synchronisations on CPU."""
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            sync()
+            start.record()
+            f()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
     first: dict[str, float] = {}
     for _ in range(warmup):
         for k, f in fns.items():
             if k in warm:
                 continue
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            first[k] = time.perf_counter() - t0
+            first[k] = timed(f)
     reps = {
         k: repeats if budget_s is None or k not in first else max(1, min(repeats, int(budget_s / first[k])))
         for k in fns
@@ -177,14 +233,42 @@ def interleaved(
         for k, f in fns.items():
             if i >= reps[k]:
                 continue
-            sync()
-            t0 = time.perf_counter()
-            f()
-            sync()
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(timed(f))
     if stats is not None:
         stats.update({k: {"min": min(v), "n": len(v)} for k, v in times.items()})
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def best_sdpa_backends(q, k, v) -> dict[str, object]:
+    """The fastest SDPA backend on this GPU for these inputs, without and with a mask: cuDNN,
+    flash and memory-efficient each timed (three calls, CUDA events) where they run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    s = q.shape[-2]
+    mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    out = {}
+    for key, kw, choices in (
+        ("plain", {"is_causal": True}, ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")),
+        ("masked", {"attn_mask": mask}, ("CUDNN_ATTENTION", "EFFICIENT_ATTENTION")),
+    ):
+        best = None
+        for name in choices:
+            backend = getattr(SDPBackend, name, None)
+            if backend is None:
+                continue
+            try:
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(q, k, v, **kw)
+                    t = interleaved({name: lambda kw=kw: F.scaled_dot_product_attention(q, k, v, **kw)}, 3)[name]
+            except RuntimeError:  # this backend does not take these inputs
+                continue
+            if best is None or t < best[1]:
+                best = (backend, t)
+        if best is None:
+            raise BaselineError(f"no SDPA backend runs {key} attention for these inputs")
+        out[key] = best[0]
+    log(f"SDPA backends: {out}")
+    return out
 
 
 def machine_name() -> str:
@@ -232,17 +316,35 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         err = (out[:, heads].float() - ref.float()).abs().max().item()
         del ref
 
+    sdpa_backend: dict[str, object] = {}
+
     def sdpa(**kw):
         if dev != "cuda":
             return F.scaled_dot_product_attention(q, k, v, **kw)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.attention import sdpa_kernel
 
-        # the anchor on GPU is the flash backend; a mask needs the memory-efficient one
-        backend = SDPBackend.FLASH_ATTENTION if "attn_mask" not in kw else SDPBackend.EFFICIENT_ATTENTION
-        with sdpa_kernel(backend):
+        with sdpa_kernel(sdpa_backend["masked" if "attn_mask" in kw else "plain"]):
             return F.scaled_dot_product_attention(q, k, v, **kw)
 
-    fns = {"attncc": lambda: attncc_run(plan, q, k, v, executor=executor), "sdpa_dense": lambda: sdpa()}
+    if dev == "cuda":
+        sdpa_backend.update(best_sdpa_backends(q, k, v))
+
+    # as users call it: the model's SDPA compiled with the case's spec (one graph, strict)
+    compiled = torch.compile(
+        _Sdpa(case.name in CAUSAL_CASES),
+        backend="attncc",
+        options={"spec": case_spec(case, args.block), "executor": executor, "strict": True, "inner": "eager"},
+    )
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        cout = compiled(q, k, v)
+        t_compiled_first = time.perf_counter() - t0
+    compiled_err = (cout.float() - out.float()).abs().max().item()
+    fns = {
+        "attncc": lambda: attncc_run(plan, q, k, v, executor=executor),
+        "attncc_compiled": lambda: compiled(q, k, v),
+        "sdpa_dense": lambda: sdpa(),
+    }
     if case.name == "causal" or dev == "cuda":
         fns["sdpa_causal"] = lambda: sdpa(is_causal=True)
     # SDPA with a dense mask skips nothing: its time depends on the shape, not on the mask, so it
@@ -256,16 +358,30 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     if flex_fn is not None:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        order = plan.order(dev)
+        # model order (as a Flex user writes the mask) unless --flex-order kernel: the permuted
+        # order attncc's kernel works in, reached by gathers inside mask_mod
+        order = plan.order(dev) if args.flex_order == "kernel" else None
         qf, kf, vf = (x if order is None else x.index_select(2, order) for x in (q, k, v))
         t0 = time.perf_counter()
         bm = create_block_mask(
-            flex_mask_mod(case, plan, dev), 1, args.heads, seq, seq, device=dev, BLOCK_SIZE=args.flex_block
+            flex_mask_mod(case, plan, dev, order is not None),
+            1,
+            args.heads,
+            seq,
+            seq,
+            device=dev,
+            BLOCK_SIZE=args.flex_block,
         )
         t_bm = time.perf_counter() - t0
         t0 = time.perf_counter()
-        fo = flex_fn(qf, kf, vf, block_mask=bm, scale=plan.scale)
+        templates = cpu_templates()
+        # the grad mode it is timed in (a guard on it would recompile); no graph cache, so the
+        # compile generates its kernels and the fused-template check below sees them
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+            fo = flex_fn(qf, kf, vf, block_mask=bm, scale=plan.scale)
         t_flex_compile = time.perf_counter() - t0
+        if dev == "cpu" and cpu_templates() == templates:
+            raise BaselineError(f"{case.name} S={seq}: FlexAttention did not take inductor's fused CPU template")
         if order is not None:
             fo = fo.index_select(2, plan.permute.inverse(dev))
         # FlexAttention leaves rows with no key at zero as well
@@ -274,9 +390,20 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     with torch.no_grad():
         # attncc ran above (warm; Flex's first call compiled, so it gets a timed warm-up that sizes
         # its repeats); dense SDPA is warm after the first case of a shape
-        warm = {"attncc"} | ({"sdpa_dense", "sdpa_causal"} if shape_key in args.dense_seen else set())
+        warm = {"attncc", "attncc_compiled"} | (
+            {"sdpa_dense", "sdpa_causal"} if shape_key in args.dense_seen else set()
+        )
         stats: dict = {}
-        t = interleaved(fns, args.repeats, warm=warm, budget_s=args.budget, stats=stats)
+        before = graphs_compiled()
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = interleaved(fns, args.repeats, warm=warm, budget_s=args.budget, stats=stats)
+        fallback = [str(w.message) for w in caught if "without torch.compile" in str(w.message)]
+        if graphs_compiled() != before or fallback:
+            why = fallback[0] if fallback else f"{graphs_compiled() - before} graph(s) compiled while timing"
+            raise BaselineError(f"{case.name} S={seq}: a baseline was not at its best: {why}")
     args.dense_seen.add(shape_key)
     if "sdpa_masked" in t:
         args.masked_seen[shape_key] = (case.name, t["sdpa_masked"], stats["sdpa_masked"])
@@ -300,11 +427,14 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         "block_table_s": t_table,
         "max_err_vs_reference": err,
         "flex_max_diff_vs_attncc": flex_err,
+        "compiled_max_diff_vs_attncc": compiled_err,
+        "attncc_compiled_first_call_s": t_compiled_first,
     }
     row["speedup_vs_dense"] = t["sdpa_dense"] / t["attncc"]
     row["fraction_of_ideal"] = row["speedup_vs_dense"] / row["ideal_speedup"]
     if "flex" in t:
         row["attncc_over_flex"] = t["attncc"] / t["flex"]
+        row["attncc_compiled_over_flex"] = t["attncc_compiled"] / t["flex"]
         row["flex_block_mask_s"] = t_bm
         row["flex_first_call_s"] = t_flex_compile
     if "sdpa_causal" in t and case.name == "causal":
@@ -336,6 +466,7 @@ def print_table(rows: list[dict]) -> None:
         "case",
         "S",
         "attncc ms",
+        "compiled ms",
         "flex ms",
         "dense ms",
         "masked ms",
@@ -345,6 +476,7 @@ def print_table(rows: list[dict]) -> None:
         "x dense",
         "of ideal",
         "/flex",
+        "compiled /flex",
         "err",
     ]
     print("| " + " | ".join(cols) + " |")
@@ -363,6 +495,7 @@ def print_table(rows: list[dict]) -> None:
                     r["case"] + extra,
                     str(r["seq"]),
                     f"{t['attncc'] * 1e3:.1f}",
+                    f"{t['attncc_compiled'] * 1e3:.1f}",
                     _fmt(t.get("flex", None) and t["flex"] * 1e3, ".1f"),
                     f"{t['sdpa_dense'] * 1e3:.1f}",
                     _fmt(t.get("sdpa_masked", None) and t["sdpa_masked"] * 1e3, ".1f"),
@@ -372,6 +505,7 @@ def print_table(rows: list[dict]) -> None:
                     f"{r['speedup_vs_dense']:.1f}",
                     f"{r['fraction_of_ideal']:.0%}",
                     _fmt(r.get("attncc_over_flex"), ".2f"),
+                    _fmt(r.get("attncc_compiled_over_flex"), ".2f"),
                     _fmt(r["max_err_vs_reference"], ".1e"),
                 ]
             )
@@ -394,7 +528,12 @@ def matrix(args, on_row=None) -> list[dict]:
     for i, (case, seq) in enumerate(todo, 1):
         log(f"[{i}/{len(todo)}] {case.name} S={seq} ...")
         t0 = time.perf_counter()
+        # a fresh Dynamo state per case: FlexAttention is compiled once for this case's mask_mod,
+        # never past the recompile limit into its eager fallback (checked while timing)
+        torch._dynamo.reset()
         rows.append(run_case(case, seq, args, flex_fn))
+        if on_row is not None:
+            on_row(rows)
         r = rows[-1]
         log(
             f"[{i}/{len(todo)}] {case.name} S={r['seq']}: attncc {r['times_s']['attncc'] * 1e3:.1f} ms, "
@@ -538,6 +677,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--block", type=int, default=64, help="attncc block size (q and kv)")
     ap.add_argument("--flex-block", type=int, default=128)
+    ap.add_argument(
+        "--flex-order",
+        choices=["model", "kernel"],
+        default="model",
+        help="token order Flex gets for permuted cases: model (as users write it) or attncc's kernel order",
+    )
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument(
         "--budget", type=float, default=8.0, help="a call slower than this many seconds gets fewer repeats (>= 1)"

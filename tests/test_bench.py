@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pathlib
+
+import pytest
 
 from bench import attention as B
 
@@ -89,3 +92,25 @@ def test_decode_benchmark_refuses_a_baseline_that_recompiles(monkeypatch, fresh_
     monkeypatch.setattr(D, "graphs", lambda: next(calls))
     with pytest.raises(D.BaselineError, match="recompiled"):
         D.main(["--contexts", "1536", "--repeats", "1", "--no-flex", "--no-json"])
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run(tmp_path):
+    """bench/gpu.sh --dry-run: the GPU run end to end on CPU (package layout without an install,
+    preflight, the CUDA tests under the interpreter, both benchmarks writing their JSON)."""
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        ["bash", str(root / "bench" / "gpu.sh"), str(tmp_path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "passed" in (tmp_path / "tests.txt").read_text()
+    assert "device cpu (dry run)" in (tmp_path / "env.txt").read_text()
+    decode = next(tmp_path.glob("decode-*.json"))
+    assert json.loads(decode.read_text())["rows"][0]["context"] == 1536
+    matrix = [p for p in tmp_path.glob("*.json") if not p.name.startswith("decode-")]
+    assert [r["case"] for r in json.loads(matrix[0].read_text())["matrix"]] == ["causal", "window256"]
