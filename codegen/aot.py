@@ -176,6 +176,10 @@ def compile_jobs(jobs: list[Job], timeout: float = TIMEOUT_S, workers: int = 1) 
         if proc.returncode != 0:
             raise RuntimeError(f"ahead-of-time compile subprocess failed (exit {proc.returncode}):\n{stderr[-4000:]}")
         for i, r in zip(share, json.loads(stdout.strip().splitlines()[-1])):
+            # the tiles and launch options the kernel was compiled with (codegen/configs.py)
+            c = jobs[i].constexprs
+            tiles = {k: c[k] for k in ("BLOCK_M", "BLOCK_N") if k in c}
+            r["launch"] = dict(tiles, num_warps=jobs[i].num_warps, num_stages=jobs[i].num_stages)
             results[i] = r
     return results
 

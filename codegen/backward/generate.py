@@ -18,13 +18,17 @@ def kernel_names(plan: AttentionPlan) -> dict[str, str]:
     }
 
 
+#: run-time integers of the dK/dV and dQ kernels the JIT must not specialise on: a call at a new
+#: length or offset reuses the compiled kernels (EVEN_Q / EVEN_KV stay constexprs)
+RUNTIME_INTS = ("Q_LEN", "KV_LEN", "Q_OFFSET", "NUM_Q_BLOCKS", "NUM_KV_BLOCKS", "MAX_PARTIAL", "MAX_FULL")
+
 _PREPROCESS = '''
-@triton.jit
+@triton.jit(do_not_specialize=["Q_LEN"])
 def {name}(
     Out, DOut, Delta,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
-    H: tl.constexpr, Q_LEN: tl.constexpr, HEAD_DIM_V: tl.constexpr,
+    H: tl.constexpr, Q_LEN, HEAD_DIM_V: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dout[b, h, i, d] * out[b, h, i, d] in fp32, model token order."""
@@ -121,7 +125,7 @@ def {name}(
     stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom,
     stride_mb, stride_mh, stride_mm, stride_mn,
     sm_scale,
-    H: tl.constexpr, Q_LEN: tl.constexpr, KV_LEN: tl.constexpr, Q_OFFSET: tl.constexpr,
+    H: tl.constexpr, Q_LEN, KV_LEN, Q_OFFSET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_MASK_TENSOR: tl.constexpr, MASK_IS_BOOL: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr,
@@ -155,8 +159,7 @@ _COMMON_HEAD = """\
 _COMMON_TAIL = """\
     sm_scale,
     H: tl.constexpr, H_KV: tl.constexpr, GROUP: tl.constexpr,
-    Q_LEN: tl.constexpr, KV_LEN: tl.constexpr, Q_OFFSET: tl.constexpr,
-    NUM_Q_BLOCKS: tl.constexpr, NUM_KV_BLOCKS: tl.constexpr, MAX_PARTIAL: tl.constexpr, MAX_FULL: tl.constexpr,
+    Q_LEN, KV_LEN, Q_OFFSET, NUM_Q_BLOCKS, NUM_KV_BLOCKS, MAX_PARTIAL, MAX_FULL,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_MASK_TENSOR: tl.constexpr, MASK_IS_BOOL: tl.constexpr,
@@ -183,7 +186,7 @@ _DKDV_LOOP = """\
 """
 
 _DKDV = '''
-@triton.jit
+@triton.jit(do_not_specialize={runtime_ints})
 def {name}(
 {common_head}    stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
@@ -223,7 +226,7 @@ def {name}(
     stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     sm_scale,
-    KV_LEN: tl.constexpr, Q_OFFSET: tl.constexpr,
+    KV_LEN, Q_OFFSET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_N: tl.constexpr, APPLY_MASK: tl.constexpr, HAS_PERM: tl.constexpr,
     HAS_MASK_TENSOR: tl.constexpr, MASK_IS_BOOL: tl.constexpr, EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr,
@@ -261,7 +264,7 @@ _DQ_LOOP = """\
 """
 
 _DQ = '''
-@triton.jit
+@triton.jit(do_not_specialize={runtime_ints})
 def {name}(
 {common_head}    stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mh, stride_mm, stride_mn,
@@ -302,7 +305,7 @@ def _kernel(template: str, loop: str, name: str, step: str, outputs: str) -> str
     """A kernel template with its name, its arguments (``outputs``: its gradient pointers) and its
     two table walks (calling ``step``) filled in."""
     out = template.replace("{name}", name).replace("{common_head}", _COMMON_HEAD.replace("{outputs}", outputs))
-    out = out.replace("{common_tail}", _COMMON_TAIL)
+    out = out.replace("{common_tail}", _COMMON_TAIL).replace("{runtime_ints}", repr(list(RUNTIME_INTS)))
     for key, fields in _WALKS.items():
         out = out.replace("{" + key + "}", loop.format(step=step, **fields))
     return out

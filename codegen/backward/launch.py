@@ -18,11 +18,14 @@ from attncc.codegen.aot import Job, recorded_jobs, write_family
 from attncc.codegen.backward.generate import kernel_names
 from attncc.codegen.cache import BACKWARD, KernelCache, default_cache
 from attncc.codegen.common import example_inputs, mask_argument, next_pow2, shape_text
+from attncc.codegen.configs import BackwardConfig, TileConfig, at_tiles, backward_config, cuda_arch
 from attncc.ir.blocks import BlockTable
 from attncc.ir.dtypes import dtype_name
 from attncc.ir.plan import AttentionPlan
 
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+#: query rows per program of the delta = rowsum(dout * out) preprocess kernel
+PREPROCESS_ROWS = 64
 
 
 # -- Triton: generated kernels (compiled on CUDA, interpreted on CPU) ---------------------------
@@ -39,15 +42,25 @@ class _Tables:
 
 
 @functools.lru_cache(maxsize=64)
-def _tables(plan: AttentionPlan, device: torch.device) -> _Tables:
-    fwd = plan.block_table()
-    tr = fwd.transposed()
+def _tables(plan: AttentionPlan, device: torch.device, dkdv: tuple[int, int], dq: tuple[int, int]) -> _Tables:
+    """The dQ kernel's forward table at its tiles ``dq`` and the dK/dV kernel's transposed table
+    at its tiles ``dkdv`` (each ``(block_m, block_n)``), on ``device``."""
+    fwd = at_tiles(plan, *dq).block_table()
+    tr = at_tiles(plan, *dkdv).block_table().transposed()
     order = plan.order()
     if order is None:
         order = torch.zeros(1, dtype=torch.int64)
     h2p = torch.tensor(plan.head_to_program, dtype=torch.int32)
     fwd, tr = (_contiguous(t).to(device) for t in (fwd, tr))
     return _Tables(fwd, tr, h2p.to(device), order.to(device))
+
+
+def _role_tables(plan: AttentionPlan, device, config: BackwardConfig) -> _Tables:
+    return _tables(plan, device, _tile(config.dkdv), _tile(config.dq))
+
+
+def _tile(t: TileConfig) -> tuple[int, int]:
+    return t.block_m, t.block_n
 
 
 def _contiguous(t: BlockTable) -> BlockTable:
@@ -62,28 +75,19 @@ def _contiguous(t: BlockTable) -> BlockTable:
     )
 
 
-def backward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) -> list[Job]:
+def backward_aot_jobs(
+    plan: AttentionPlan, arch: int, out_dir: str | os.PathLike, config: BackwardConfig | None = None
+) -> list[Job]:
     """``Job``s compiling the plan's three backward kernels for ``sm_<arch>`` as the JIT builds
-    them for a call of the plan's shapes (batch 1, contiguous tensors)."""
+    them for a call of the plan's shapes (batch 1, contiguous tensors) on ``config`` (default: the
+    arch's)."""
     x = example_inputs(plan)
 
     def launch(cache: KernelCache) -> None:
-        attention_bwd(
-            plan, x["q"], x["k"], x["v"], x["out"], x["lse"], x["dout"], x["mask"], target="cuda", cache=cache
-        )
+        args = (x["q"], x["k"], x["v"], x["out"], x["lse"], x["dout"], x["mask"])
+        attention_bwd(plan, *args, target="cuda", arch=arch, config=config, cache=cache)
 
     return recorded_jobs(launch, BACKWARD, plan, arch, out_dir, shape_text(plan))
-
-
-def launch_options(plan: AttentionPlan, role: str) -> dict[str, int]:
-    """``num_warps`` / ``num_stages`` of a backward kernel (the launcher and the AOT compiles agree).
-    Not tuned on hardware yet: more warps past head dim 128; dK/dV unpipelined, because its two
-    fp32 accumulators leave no registers for a second stage (sm_90, as the JIT builds it: d128
-    bf16 spills 424 B with 2 stages, 16 B with 1; d64 fp16 16 B and none)."""
-    return {
-        "num_warps": 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4,
-        "num_stages": 1 if role in ("preprocess", "dkdv") else 2,
-    }
 
 
 def write_backward_kernels(
@@ -95,19 +99,20 @@ def write_backward_kernels(
 
 def backward_constexprs(
     plan: AttentionPlan,
+    config: BackwardConfig,
+    tables: _Tables,
     dtype: str | None = None,
     mask_kind: str | None = None,
     *,
     interpret: bool = False,
     count_visits: bool = False,
 ) -> dict[str, dict]:
-    """The ``tl.constexpr`` arguments of each backward kernel (``preprocess``, ``dkdv``, ``dq``) for
+    """The ``tl.constexpr`` (and run-time length) arguments of each backward kernel
+    (``preprocess``, ``dkdv``, ``dq``) on ``config``'s tiles and ``tables`` (built at them), for
     tensors of ``dtype`` (default: the plan's) and a mask tensor of ``mask_kind`` (default: the
-    plan's); the launcher and the ahead-of-time compiler both take them from here."""
+    plan's)."""
     dtype = dtype or plan.dtype
     mask_kind = plan.mask_kind if mask_kind is None else mask_kind
-    fwd = plan.block_table()
-    tr = _tables(plan, torch.device("cpu")).transposed
     common = dict(
         H=plan.num_heads,
         H_KV=plan.num_kv_heads,
@@ -115,36 +120,45 @@ def backward_constexprs(
         Q_LEN=plan.q_len,
         KV_LEN=plan.kv_len,
         Q_OFFSET=plan.q_offset,
-        NUM_Q_BLOCKS=fwd.num_q_blocks,
-        NUM_KV_BLOCKS=fwd.num_kv_blocks,
         HEAD_DIM=plan.head_dim,
         HEAD_DIM_V=plan.head_dim_v,
         BLOCK_D=next_pow2(plan.head_dim, 16),
         BLOCK_DV=next_pow2(plan.head_dim_v, 16),
-        BLOCK_M=plan.block_q,
-        BLOCK_N=plan.block_kv,
         HAS_PERM=plan.permute is not None,
         HAS_MASK_TENSOR=mask_kind is not None,
         MASK_IS_BOOL=mask_kind == "bool",
-        EVEN_Q=plan.q_len % plan.block_q == 0,
-        EVEN_KV=plan.kv_len % plan.block_kv == 0,
         # the interpreter's tl.dot is wrong for low-precision inputs: upcast tiles there
         UPCAST=interpret and dtype != "float32",
         # fp32 keeps fp32 accuracy on GPUs (no TF32); fp16/bf16 use the tensor cores as they are
         INPUT_PRECISION="ieee" if dtype == "float32" else "tf32",
         COUNT_VISITS=count_visits,
     )
+
+    def role(tiles: TileConfig, table: BlockTable, nq: int, nk: int) -> dict:
+        return dict(
+            common,
+            BLOCK_M=tiles.block_m,
+            BLOCK_N=tiles.block_n,
+            NUM_Q_BLOCKS=nq,
+            NUM_KV_BLOCKS=nk,
+            EVEN_Q=plan.q_len % tiles.block_m == 0,
+            EVEN_KV=plan.kv_len % tiles.block_n == 0,
+            MAX_PARTIAL=table.kv_indices.shape[2],
+            MAX_FULL=table.full_indices.shape[2],
+        )
+
+    fwd, tr = tables.forward, tables.transposed
     return {
-        "common": common,
         "preprocess": dict(
             H=plan.num_heads,
             Q_LEN=plan.q_len,
             HEAD_DIM_V=plan.head_dim_v,
-            BLOCK_M=plan.block_q,
+            BLOCK_M=PREPROCESS_ROWS,
             BLOCK_DV=common["BLOCK_DV"],
         ),
-        "dkdv": dict(common, MAX_PARTIAL=tr.kv_indices.shape[2], MAX_FULL=tr.full_indices.shape[2]),
-        "dq": dict(common, MAX_PARTIAL=fwd.kv_indices.shape[2], MAX_FULL=fwd.full_indices.shape[2]),
+        # the transposed table's rows are kv blocks: its "q" side is the kv side
+        "dkdv": role(config.dkdv, tr, tr.num_kv_blocks, tr.num_q_blocks),
+        "dq": role(config.dq, fwd, fwd.num_q_blocks, fwd.num_kv_blocks),
     }
 
 
@@ -175,18 +189,27 @@ def attention_bwd(
     grads: Grads | None = None,
     visits: dict | None = None,
     cache: KernelCache | None = None,
+    config: BackwardConfig | None = None,
+    arch: int | None = None,
 ) -> Grads:
     """Gradients ``(dq [B, H, Sq, D], dk [B, Hkv, Skv, D], dv [B, Hkv, Skv, Dv])`` from the
     generated kernels on ``target`` (``cuda`` or ``interpret``), in the dtypes of q, k, v.
 
     ``out``/``lse`` are the forward's outputs (``lse`` fp32 ``[B, H, Sq]``, natural log of the
     scaled scores' row sums). ``grads`` optionally supplies the three output buffers (the kernels
-    write every element of them). ``visits`` receives ``{"dkdv": [B, H, nq, nk], "dq": [B, H, nq,
-    nk]}`` int32 counts of visited block pairs. Inputs are those the executor table checked."""
+    write every element of them). ``config``: the kernels' tiles (default
+    :func:`attncc.codegen.configs.backward_config` for ``arch``, default q's device; the
+    interpreter keeps the plan's blocks). ``visits`` receives ``{"dkdv": [B, H, nq, nk], "dq":
+    [B, H, nq, nk]}`` int32 counts of visited tile pairs, each at its kernel's tiles. Inputs are
+    those the executor table checked."""
     module = (cache or default_cache()).module(plan, target, BACKWARD)
     names = kernel_names(plan)
     dev = q.device
-    tables = _tables(plan, dev)
+    if config is None:
+        if target == "cuda" and arch is None and dev.type == "cuda":
+            arch = cuda_arch(dev)
+        config = backward_config(plan, arch if target == "cuda" else None, dtype_name(q.dtype))
+    tables = _role_tables(plan, dev, config)
     bsz, h, hkv = q.shape[0], plan.num_heads, plan.num_kv_heads
     q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
     lse = lse.to(torch.float32).contiguous()
@@ -194,29 +217,31 @@ def attention_bwd(
     shape = (bsz, plan.num_heads, plan.q_len, plan.kv_len)
     mt, mask_strides = mask_argument(mask_tensor, shape, tables.order, torch.uint8)
     fwd, tr = tables.forward, tables.transposed
-    nq, nk = fwd.num_q_blocks, fwd.num_kv_blocks
     count = visits is not None
-    visit_dkdv = torch.zeros(bsz * h * nq * nk if count else 1, dtype=torch.int32, device=dev)
-    visit_dq = torch.zeros_like(visit_dkdv)
     interpret = target == "interpret"
-    consts = backward_constexprs(plan, dtype_name(q.dtype), interpret=interpret, count_visits=count)
+    consts = backward_constexprs(plan, config, tables, dtype_name(q.dtype), interpret=interpret, count_visits=count)
+    n_visits = {r: bsz * h * consts[r]["NUM_Q_BLOCKS"] * consts[r]["NUM_KV_BLOCKS"] for r in ("dkdv", "dq")}
+    visit_dkdv = torch.zeros(n_visits["dkdv"] if count else 1, dtype=torch.int32, device=dev)
+    visit_dq = torch.zeros(n_visits["dq"] if count else 1, dtype=torch.int32, device=dev)
 
     delta = torch.empty(bsz, h, plan.q_len, dtype=torch.float32, device=dev)
     preprocess, dkdv, dq_kernel = (getattr(module, names[n]) for n in ("preprocess", "dkdv", "dq"))
     pre_args = (out, dout, delta, *out.stride()[:3], *dout.stride()[:3])
-    preprocess[(nq, bsz * h)](*pre_args, **consts["preprocess"], **launch_options(plan, "preprocess"))
+    pre_grid = (-(-plan.q_len // PREPROCESS_ROWS), bsz * h)
+    preprocess[pre_grid](*pre_args, **consts["preprocess"], num_warps=4, num_stages=1)
     inputs = (q, k, v, dout, lse, delta)
     shared = (mt, tables.order, tables.order, tables.head_to_program)
     in_strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    # dK/dV: one program per (kv block, batch x kv head), walking the transposed table
+    # dK/dV: one program per (kv tile, batch x kv head), walking the transposed table
     args = (*inputs, dk, dv, *shared, *_table_args(tr), visit_dkdv, *in_strides, *dk.stride()[:3], *dv.stride()[:3])
-    dkdv[(nk, bsz * hkv)](*args, *mask_strides, plan.scale, **consts["dkdv"], **launch_options(plan, "dkdv"))
-    # dQ: one program per (query block, batch x head), walking the forward table
+    grid = (tr.num_q_blocks, bsz * hkv)
+    dkdv[grid](*args, *mask_strides, plan.scale, **consts["dkdv"], **config.dkdv.launch())
+    # dQ: one program per (query tile, batch x head), walking the forward table
     args = (*inputs, dq, *shared, *_table_args(fwd), visit_dq, *in_strides, *dq.stride()[:3])
-    dq_kernel[(nq, bsz * h)](*args, *mask_strides, plan.scale, **consts["dq"], **launch_options(plan, "dq"))
+    dq_kernel[(fwd.num_q_blocks, bsz * h)](*args, *mask_strides, plan.scale, **consts["dq"], **config.dq.launch())
     if visits is not None:
-        visits["dkdv"] = visit_dkdv.view(bsz, h, nq, nk)
-        visits["dq"] = visit_dq.view(bsz, h, nq, nk)
+        for role, buf in (("dkdv", visit_dkdv), ("dq", visit_dq)):
+            visits[role] = buf.view(bsz, h, consts[role]["NUM_Q_BLOCKS"], consts[role]["NUM_KV_BLOCKS"])
     return dq, dk, dv
 
 

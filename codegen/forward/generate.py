@@ -10,6 +10,7 @@ ahead-of-time compiles record a real launch (:func:`attncc.codegen.aot.recorded_
 from __future__ import annotations
 
 from attncc.codegen.common import next_pow2
+from attncc.codegen.configs import TileConfig, plan_tiles
 from attncc.ir.dtypes import DTYPES
 from attncc.ir.plan import AttentionPlan, ranges
 from attncc.version import __version__
@@ -45,8 +46,18 @@ def check_supported(plan: AttentionPlan) -> None:
         raise CodegenError("a run-time key order cannot be combined with a static permutation")
 
 
-def kernel_constexprs(plan: AttentionPlan, *, count_visits: bool = False, dot_fp32: bool = False) -> dict:
-    """The ``tl.constexpr`` arguments of the plan's forward kernel."""
+def kernel_constexprs(
+    plan: AttentionPlan,
+    tiles: TileConfig | None = None,
+    *,
+    q_mult: int = 1,
+    kv_mult: int = 1,
+    count_visits: bool = False,
+    dot_fp32: bool = False,
+) -> dict:
+    """The ``tl.constexpr`` arguments of the plan's forward kernel on ``tiles`` (default: the plan's
+    blocks); ``q_mult`` / ``kv_mult``: kernel tiles per block of the block table, per side."""
+    tiles = tiles or plan_tiles(plan)
     return {
         "H": plan.num_heads,
         "GROUP": plan.gqa_group,
@@ -54,23 +65,20 @@ def kernel_constexprs(plan: AttentionPlan, *, count_visits: bool = False, dot_fp
         "HEAD_DIM_V": plan.head_dim_v,
         "BLOCK_D": max(16, next_pow2(plan.head_dim)),
         "BLOCK_DV": max(16, next_pow2(plan.head_dim_v)),
-        "BLOCK_M": plan.block_q,
-        "BLOCK_N": plan.block_kv,
+        "BLOCK_M": tiles.block_m,
+        "BLOCK_N": tiles.block_n,
+        "Q_MULT": q_mult,
+        "KV_MULT": kv_mult,
         "HAS_PERM": plan.permute is not None,
         "HAS_MASK_TENSOR": plan.mask_kind is not None,
         "MASK_ADDITIVE": plan.mask_kind == "additive",
-        "EVEN_Q": plan.q_len % plan.block_q == 0,
-        "EVEN_KV": plan.kv_len % plan.block_kv == 0,
+        "EVEN_Q": plan.q_len % tiles.block_m == 0,
+        "EVEN_KV": plan.kv_len % tiles.block_n == 0,
         "EVEN_D": plan.head_dim == max(16, next_pow2(plan.head_dim)),
         "EVEN_DV": plan.head_dim_v == max(16, next_pow2(plan.head_dim_v)),
         "COUNT_VISITS": count_visits,
         "DOT_FP32": dot_fp32,
     }
-
-
-def launch_options(plan: AttentionPlan) -> dict[str, int]:
-    """``num_warps`` / ``num_stages`` of the forward kernel (the launcher and the AOT compiles agree)."""
-    return {"num_warps": 8 if max(plan.head_dim, plan.head_dim_v) > 128 else 4, "num_stages": 2}
 
 
 def emit_mask_predicate(plan: AttentionPlan) -> str:
@@ -211,8 +219,12 @@ def _visit_kv_block(
 
 '''
 
+#: run-time integers the JIT must not specialise on (divisible by 16, equal to 1): a call at a new
+#: length or offset reuses the compiled kernel (only EVEN_Q / EVEN_KV are constexprs of the lengths)
+RUNTIME_INTS = ("Q_LEN", "KV_LEN", "Q_OFFSET", "NUM_Q_BLOCKS", "MAX_PARTIAL", "MAX_FULL")
+
 _KERNEL = """\
-@triton.jit
+@triton.jit(do_not_specialize={runtime_ints})
 def {name}(
     Q, K, V, Out, Lse, MaskTensor, Order,{kv_order_arg}{head_to_program}
     KvNumBlocks, KvIndices, FullNumBlocks, FullIndices, Visits,
@@ -224,7 +236,7 @@ def {name}(
     qk_scale, Q_LEN, KV_LEN, Q_OFFSET, NUM_Q_BLOCKS, MAX_PARTIAL, MAX_FULL,
     H: tl.constexpr, GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_MULT: tl.constexpr, KV_MULT: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_MASK_TENSOR: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     COUNT_VISITS: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -260,10 +272,11 @@ def {name}(
     l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # [BM] running sum of exp2
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)  # [BM, BDV]
     num_visited = 0
-    table_row = program * NUM_Q_BLOCKS + pid_m
+    # Q_MULT kernel tiles share a block-table row (a table given at coarser blocks than the tile)
+    table_row = program * NUM_Q_BLOCKS + pid_m // Q_MULT
 
 {full_loop}{partial_loop}    if COUNT_VISITS:
-        tl.store(Visits + pid_bh * NUM_Q_BLOCKS + pid_m, num_visited)
+        tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, num_visited)
     # rows with no allowed key: l = 0 -> output 0, lse = -inf
     empty_row = l_i == 0.0  # [BM]
     l_safe = tl.where(empty_row, 1.0, l_i)
@@ -282,20 +295,26 @@ def {name}(
 _LOOP = """\
     # {what}
     num_{kind} = tl.load({counts} + table_row)
+    {kind}_row = {indices} + table_row * {width}
+    # the next block index is loaded one step ahead, so the k/v loads of a step do not wait on it
+    next_block = tl.load({kind}_row, mask=num_{kind} > 0, other=0)
     for i in range(0, num_{kind}):
-        kv_block = tl.load({indices} + table_row * {width} + i)
-        acc, l_i, m_i = _visit_kv_block(
-            acc, l_i, m_i, q, q_idx, q_pos, q_valid, kv_block, off_b, off_h, off_hkv, program,
-            K, V, MaskTensor, {kv_gather},
-            stride_kb, stride_kh, stride_ks, stride_kd,
-            stride_vb, stride_vh, stride_vs, stride_vd,
-            stride_mb, stride_mh, stride_mq, stride_mk,
-            qk_scale, KV_LEN,
-            HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, {is_partial}, {kv_perm},
-            HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
-        )
-        if COUNT_VISITS:
-            num_visited += 1
+        table_block = next_block
+        next_block = tl.load({kind}_row + i + 1, mask=i + 1 < num_{kind}, other=0)
+        # the KV_MULT kernel tiles of the table's kv block (one when the table is at the tile)
+        for j in tl.static_range(KV_MULT):
+            acc, l_i, m_i = _visit_kv_block(
+                acc, l_i, m_i, q, q_idx, q_pos, q_valid, table_block * KV_MULT + j, off_b, off_h, off_hkv, program,
+                K, V, MaskTensor, {kv_gather},
+                stride_kb, stride_kh, stride_ks, stride_kd,
+                stride_vb, stride_vh, stride_vs, stride_vd,
+                stride_mb, stride_mh, stride_mq, stride_mk,
+                qk_scale, KV_LEN,
+                HEAD_DIM, HEAD_DIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, {is_partial}, {kv_perm},
+                HAS_MASK_TENSOR, MASK_ADDITIVE, EVEN_KV, EVEN_D, EVEN_DV, DOT_FP32,
+            )
+            if COUNT_VISITS:
+                num_visited += 1
 
 """
 #: the two walks: (placeholder, comment, loop variable, counts, indices, row width, IS_PARTIAL)
@@ -341,6 +360,7 @@ def generate_forward(plan: AttentionPlan) -> str:
     loops = {key: _LOOP.format(**dict(zip(fields, row)), **gather) for key, *row in _LOOPS}
     kernel = _KERNEL.format(
         name=name,
+        runtime_ints=repr(list(RUNTIME_INTS)),
         kv_order_arg=" KvOrder," if kv else "",
         head_to_program=" HeadToProgram," if many else "",
         kv_order=_KV_ORDER if kv else "",

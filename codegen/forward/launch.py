@@ -11,19 +11,37 @@ import torch
 from attncc.codegen.aot import Job, compile_jobs, recorded_jobs
 from attncc.codegen.cache import FORWARD, KernelCache, default_cache
 from attncc.codegen.common import example_inputs, mask_argument, shape_text
-from attncc.codegen.forward.generate import kernel_constexprs, launch_options
+from attncc.codegen.configs import (
+    TileConfig,
+    at_tiles,
+    autotune_enabled,
+    autotuned,
+    cuda_arch,
+    cuda_time_ms,
+    fit_to_table,
+    forward_candidates,
+    forward_config,
+    tune_key,
+    tuning_cache,
+)
+from attncc.codegen.forward.generate import kernel_constexprs
 from attncc.ir.blocks import BlockTable
+from attncc.ir.dtypes import dtype_name
 from attncc.ir.plan import AttentionPlan
 
-_device_data: dict[tuple[AttentionPlan, str], tuple[BlockTable, torch.Tensor, torch.Tensor | None]] = {}
+_device_data: dict[tuple, tuple[BlockTable, torch.Tensor, torch.Tensor | None]] = {}
 
 
-def device_data(plan: AttentionPlan, device: torch.device) -> tuple[BlockTable, torch.Tensor, torch.Tensor | None]:
-    """(block table, head -> program int32, permutation int64) on ``device``, built once per plan."""
-    key = (plan, str(device))
+def device_data(
+    plan: AttentionPlan, device: torch.device, tiles: TileConfig | None = None
+) -> tuple[BlockTable, torch.Tensor, torch.Tensor | None]:
+    """(block table at ``tiles`` (default: the plan's blocks), head -> program int32, permutation
+    int64) on ``device``, built once per plan and tile."""
+    bm, bn = (plan.block_q, plan.block_kv) if tiles is None else (tiles.block_m, tiles.block_n)
+    key = (plan, str(device), bm, bn)
     hit = _device_data.get(key)
     if hit is None:
-        table = plan.block_table(device)
+        table = at_tiles(plan, bm, bn).block_table(device)
         head_to_program = torch.tensor(plan.head_to_program, dtype=torch.int32, device=device)
         order = plan.order(device)
         hit = (table, head_to_program, None if order is None else order.to(torch.int64).contiguous())
@@ -64,6 +82,8 @@ def _kernel_args(
     mask_strides: tuple[int, ...],
     target: str,
     count_visits: bool,
+    tiles: TileConfig,
+    mults: tuple[int, int],
 ) -> dict[str, object]:
     """Every argument of the forward kernel by name: pointers, the block table, strides of
     q/k/v/out and the mask, run-time lengths, and the constexprs."""
@@ -92,7 +112,11 @@ def _kernel_args(
             "MAX_FULL": table.full_indices.shape[-1],
         }
     )
-    args.update(kernel_constexprs(plan, count_visits=count_visits, dot_fp32=target == "interpret"))
+    q_mult, kv_mult = mults
+    consts = kernel_constexprs(
+        plan, tiles, q_mult=q_mult, kv_mult=kv_mult, count_visits=count_visits, dot_fp32=target == "interpret"
+    )
+    args.update(consts)
     return args
 
 
@@ -108,18 +132,22 @@ def attention_fwd(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     visits: torch.Tensor | None = None,
-    num_warps: int | None = None,
-    num_stages: int | None = None,
+    config: TileConfig | None = None,
+    arch: int | None = None,
     block_table: BlockTable | None = None,
     kv_order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the plan's generated kernel: ``(out [B, H, Sq, Dv], lse [B, H, Sq] fp32)``.
 
     ``target`` is ``cuda`` (default for CUDA tensors) or ``interpret`` (CPU tensors, Triton
-    interpreter). ``out``/``lse`` may be given (tests pre-fill them with NaN); ``visits``, an
-    int32 ``[B * H, num_q_blocks]`` tensor, receives the number of kv blocks each program visited.
-    ``block_table`` (one row per mask program, on q's device) replaces ``plan.block_table()``:
-    tables built at run time (data-dependent selection, :mod:`attncc.codegen.selectors`).
+    interpreter). ``config`` sets the kernel tiles and launch options; by default
+    :func:`attncc.codegen.configs.forward_config` for ``arch`` (default: q's device; the
+    interpreter keeps the plan's blocks), autotuned on CUDA under ``ATTNCC_AUTOTUNE=1``.
+    ``out``/``lse`` may be given (tests pre-fill them with NaN); ``visits``, an int32
+    ``[B * H, query tiles]`` tensor, receives the number of kv tiles each program visited.
+    ``block_table`` (one row per mask program, on q's device) replaces the plan's static table:
+    tables built at run time at the plan's blocks (data-dependent selection,
+    :mod:`attncc.codegen.selectors`); the tiles are then clipped to divide those blocks.
     ``kv_order``, int64 ``[B, Hkv, Skv]`` (kernel slot -> model key position), is required by and
     only accepted for a plan with ``runtime_key_order``; that plan's block table (over slot blocks)
     must be given too. The model's mask tensor stays in model order. The inputs are those
@@ -129,12 +157,6 @@ def attention_fwd(
     target = target or ("cuda" if q.device.type == "cuda" else "interpret")
     kernel = (cache or default_cache()).kernel(plan, target)
     dev = q.device
-    if block_table is None:
-        table, head_to_program, order = device_data(plan, dev)
-    else:
-        table = block_table
-        head_to_program = torch.tensor(plan.head_to_program, dtype=torch.int32, device=dev)
-        order = plan.order(dev)
     b, h = q.shape[0], plan.num_heads
     if out is None:
         out = torch.empty(b, h, plan.q_len, plan.head_dim_v, dtype=q.dtype, device=dev)
@@ -144,8 +166,6 @@ def attention_fwd(
         raise ValueError("lse must be a contiguous fp32 [B, H, Sq] tensor")
     placeholder = torch.zeros(1, dtype=torch.int8, device=dev)
     mask, mask_strides = mask_argument(mask_tensor, (b, h, plan.q_len, plan.kv_len), placeholder, torch.int8)
-    if visits is not None and (tuple(visits.shape) != (b * h, table.num_q_blocks) or visits.dtype != torch.int32):
-        raise ValueError(f"visits must be int32 [{b * h}, {table.num_q_blocks}]")
     pointers: dict[str, object] = {
         "Q": q,
         "K": k,
@@ -153,24 +173,47 @@ def attention_fwd(
         "Out": out,
         "Lse": lse,
         "MaskTensor": mask,
-        "Order": order if order is not None else placeholder.to(torch.int64),
         "KvOrder": kv_order,
-        "HeadToProgram": head_to_program,
         "Visits": visits if visits is not None else placeholder.to(torch.int32),
     }
-    args = _kernel_args(plan, table, pointers, (q, k, v, out), mask_strides, target, visits is not None)
-    args = {name: args[name] for name in kernel.arg_names}
-    options = launch_options(plan)
-    num_warps = options["num_warps"] if num_warps is None else num_warps
-    num_stages = options["num_stages"] if num_stages is None else num_stages
-    grid = (table.num_q_blocks, b * h)
-    kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
+
+    def launch(tiles: TileConfig) -> None:
+        if block_table is None:
+            table, head_to_program, order = device_data(plan, dev, tiles)
+            mults = (1, 1)
+        else:
+            table = block_table
+            tiles, *m = fit_to_table(tiles, table.block_q, table.block_kv)
+            mults = (m[0], m[1])
+            head_to_program = torch.tensor(plan.head_to_program, dtype=torch.int32, device=dev)
+            order = plan.order(dev)
+        grid = (-(-plan.q_len // tiles.block_m), b * h)
+        if visits is not None and (tuple(visits.shape) != (b * h, grid[0]) or visits.dtype != torch.int32):
+            raise ValueError(f"visits must be int32 [{b * h}, {grid[0]}] (query tiles of {tiles.block_m})")
+        pointers["Order"] = order if order is not None else placeholder.to(torch.int64)
+        pointers["HeadToProgram"] = head_to_program
+        tensors = (q, k, v, out)
+        args = _kernel_args(plan, table, pointers, tensors, mask_strides, target, visits is not None, tiles, mults)
+        kernel[grid](**{name: args[name] for name in kernel.arg_names}, **tiles.launch())
+
+    if config is None:
+        if target == "cuda" and arch is None and dev.type == "cuda":
+            arch = cuda_arch(dev)
+        config = forward_config(plan, arch if target == "cuda" else None, dtype_name(q.dtype))
+        if target == "cuda" and dev.type == "cuda" and autotune_enabled() and visits is None:
+            dtype, sm = dtype_name(q.dtype), arch or 0
+            key = tune_key(plan, "forward", sm, dtype, tabled=block_table is not None)
+            candidates = forward_candidates(plan, sm, dtype)
+            config = autotuned(key, candidates, launch, cuda_time_ms, tuning_cache(default_cache().root))
+    launch(config)
     return out, lse
 
 
-def forward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike) -> list[Job]:
+def forward_aot_jobs(
+    plan: AttentionPlan, arch: int, out_dir: str | os.PathLike, config: TileConfig | None = None
+) -> list[Job]:
     """The ``Job`` compiling the plan's forward kernel for ``sm_<arch>`` as the JIT builds it for a
-    call of the plan's shapes (batch 1, contiguous tensors)."""
+    call of the plan's shapes (batch 1, contiguous tensors) on ``config`` (default: the arch's)."""
     x = example_inputs(plan)
     kv_order = table = None
     if plan.runtime_key_order:
@@ -179,7 +222,17 @@ def forward_aot_jobs(plan: AttentionPlan, arch: int, out_dir: str | os.PathLike)
 
     def launch(cache: KernelCache) -> None:
         attention_fwd(
-            plan, x["q"], x["k"], x["v"], x["mask"], target="cuda", cache=cache, block_table=table, kv_order=kv_order
+            plan,
+            x["q"],
+            x["k"],
+            x["v"],
+            x["mask"],
+            target="cuda",
+            arch=arch,
+            config=config,
+            cache=cache,
+            block_table=table,
+            kv_order=kv_order,
         )
 
     return recorded_jobs(launch, FORWARD, plan, arch, out_dir, shape_text(plan))
