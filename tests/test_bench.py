@@ -114,3 +114,10 @@ def test_gpu_script_dry_run(tmp_path):
     assert json.loads(decode.read_text())["rows"][0]["context"] == 1536
     matrix = [p for p in tmp_path.glob("*.json") if not p.name.startswith("decode-")]
     assert [r["case"] for r in json.loads(matrix[0].read_text())["matrix"]] == ["causal", "window256"]
+
+
+def test_host_bench_runs():
+    from bench import host
+
+    rounds = host.main(["--calls", "20", "--rounds", "2"])
+    assert len(rounds) == 2 and all(r > 0 for r in rounds)

@@ -216,3 +216,35 @@ def test_lengths_are_runtime_arguments():
             assert not params[name].is_constexpr, name
             assert params[name].do_not_specialize, name
     assert device_data(plan, torch.device("cpu"), C.TileConfig(128, 32, 4, 3))[0].block_q == 128
+
+
+def test_rows_run_longest_first():
+    """A causal table's rows in decreasing work; partial blocks weigh more than full ones; ties
+    keep row order. The kernel maps programs through it (the visits and outputs of the tests
+    above are per table row, so a wrong mapping fails them)."""
+    from attncc.codegen.forward.launch import longest_first
+
+    plan = plan_of(CASES["causal"][0], q_len=256, block=64)
+    order = longest_first(plan.block_table())
+    assert order.tolist() == [[3, 2, 1, 0]]
+    chunk = plan_of(CASES["chunk"][0], q_len=192, block=16)  # every row the same work
+    assert longest_first(chunk.block_table()).tolist() == [list(range(12))]
+
+
+def test_prepared_launches_are_reused_and_recordings_are_not():
+    from attncc.codegen import aot
+    from attncc.codegen.cache import default_cache
+    from attncc.codegen.forward import launch as L
+
+    plan = plan_of(CASES["window"][0], q_len=96)
+    q, k, v, _ = inputs(plan)
+    L.attention_fwd(plan, q, k, v, target="interpret")
+    n = len(L._prepared)
+    out, _ = L.attention_fwd(plan, q.transpose(-1, -2).contiguous().transpose(-1, -2), k, v, target="interpret")
+    assert len(L._prepared) == n  # same plan, tiles and device: nothing rebuilt; strides are per call
+    ref, _ = dense_reference(q, k, v, allowed_of(CASES["window"][1], 96, 96, 0, 4), plan.scale)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
+    recording = aot.RecordingCache(default_cache().root)
+    L.attention_fwd(plan, q, k, v, target="cuda", arch=90, cache=recording)
+    L.attention_fwd(plan, q, k, v, target="cuda", arch=90, cache=recording)
+    assert len(recording.launches) == 2 and len(L._prepared) == n

@@ -52,11 +52,13 @@ def kernel_constexprs(
     *,
     q_mult: int = 1,
     kv_mult: int = 1,
+    row_order: bool = False,
     count_visits: bool = False,
     dot_fp32: bool = False,
 ) -> dict:
     """The ``tl.constexpr`` arguments of the plan's forward kernel on ``tiles`` (default: the plan's
-    blocks); ``q_mult`` / ``kv_mult``: kernel tiles per block of the block table, per side."""
+    blocks); ``q_mult`` / ``kv_mult``: kernel tiles per block of the block table, per side;
+    ``row_order``: programs take their table row from ``RowOrder`` (longest rows first)."""
     tiles = tiles or plan_tiles(plan)
     return {
         "H": plan.num_heads,
@@ -76,6 +78,7 @@ def kernel_constexprs(
         "EVEN_KV": plan.kv_len % tiles.block_n == 0,
         "EVEN_D": plan.head_dim == max(16, next_pow2(plan.head_dim)),
         "EVEN_DV": plan.head_dim_v == max(16, next_pow2(plan.head_dim_v)),
+        "HAS_ROW_ORDER": row_order,
         "COUNT_VISITS": count_visits,
         "DOT_FP32": dot_fp32,
     }
@@ -227,7 +230,7 @@ _KERNEL = """\
 @triton.jit(do_not_specialize={runtime_ints})
 def {name}(
     Q, K, V, Out, Lse, MaskTensor, Order,{kv_order_arg}{head_to_program}
-    KvNumBlocks, KvIndices, FullNumBlocks, FullIndices, Visits,
+    KvNumBlocks, KvIndices, FullNumBlocks, FullIndices, RowOrder, Visits,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -239,7 +242,7 @@ def {name}(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_MULT: tl.constexpr, KV_MULT: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_MASK_TENSOR: tl.constexpr, MASK_ADDITIVE: tl.constexpr,
     EVEN_Q: tl.constexpr, EVEN_KV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
-    COUNT_VISITS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_ROW_ORDER: tl.constexpr, COUNT_VISITS: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     tl.static_assert(BLOCK_D >= HEAD_DIM)
     tl.static_assert(BLOCK_DV >= HEAD_DIM_V)
@@ -253,6 +256,10 @@ def {name}(
     # GQA: query heads h*GROUP .. h*GROUP+GROUP-1 share kv head h
     off_hkv = off_h // GROUP
 {kv_order}{program}
+    if HAS_ROW_ORDER:
+        # the program's table rows longest first, so uneven rows (causal, windows near the start)
+        # do not leave the last programs to run alone
+        pid_m = tl.load(RowOrder + program * NUM_Q_BLOCKS + pid_m)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] kernel slots
     q_valid = offs_m < Q_LEN  # [BM]
     if HAS_PERM:

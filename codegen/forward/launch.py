@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from attncc.codegen.aot import Job, compile_jobs, recorded_jobs
+from attncc.codegen.aot import Job, RecordingCache, compile_jobs, recorded_jobs
 from attncc.codegen.cache import FORWARD, KernelCache, default_cache
 from attncc.codegen.common import example_inputs, mask_argument, shape_text
 from attncc.codegen.configs import (
@@ -74,50 +76,131 @@ def _check_kv_order(
     return kv_order.contiguous()
 
 
-def _kernel_args(
+#: names of the per-call arguments (pointers and strides); every other argument is static per
+#: (plan, device, tiles, table) and prepared once
+_STRIDES = tuple(f"stride_{t}{d}" for t in "qkvo" for d in "bhsd")
+_MASK_STRIDES = tuple(f"stride_m{d}" for d in "bhqk")
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A launch's static arguments: the kernel, its argument names in order and the values of
+    every argument that does not change from call to call."""
+
+    kernel: Any
+    #: the kernel cache the kernel came from (held, so its id in the key stays its own)
+    cache: KernelCache
+    names: tuple[str, ...]
+    static: dict[str, object]
+    grid_m: int
+    launch: dict[str, int]
+
+
+_prepared: dict[tuple, _Prepared] = {}
+
+
+_holders: dict[str, dict[torch.dtype, torch.Tensor]] = {}
+
+
+def _placeholders(device: torch.device) -> dict[torch.dtype, torch.Tensor]:
+    """One-element tensors standing in for absent pointer arguments, allocated once per device."""
+    hit = _holders.get(str(device))
+    if hit is None:
+        hit = {dt: torch.zeros(1, dtype=dt, device=device) for dt in (torch.int8, torch.int32, torch.int64)}
+        _holders[str(device)] = hit
+    return hit
+
+
+def _static_args(
     plan: AttentionPlan,
     table: BlockTable,
-    pointers: dict[str, object],
-    tensors: tuple[torch.Tensor, ...],
-    mask_strides: tuple[int, ...],
+    head_to_program: torch.Tensor,
+    order: torch.Tensor | None,
     target: str,
     count_visits: bool,
     tiles: TileConfig,
     mults: tuple[int, int],
+    device: torch.device,
+    static_table: bool,
 ) -> dict[str, object]:
-    """Every argument of the forward kernel by name: pointers, the block table, strides of
-    q/k/v/out and the mask, run-time lengths, and the constexprs."""
-    args = dict(pointers)
-    args.update(
-        {
-            "KvNumBlocks": table.kv_num_blocks.contiguous(),
-            "KvIndices": table.kv_indices.contiguous(),
-            "FullNumBlocks": table.full_num_blocks.contiguous(),
-            "FullIndices": table.full_indices.contiguous(),
-        }
-    )
-    for t, x in zip("qkvo", tensors):
-        for dim, s in zip("bhsd", x.stride()):
-            args[f"stride_{t}{dim}"] = s
-    for dim, s in zip("bhqk", mask_strides):
-        args[f"stride_m{dim}"] = s
-    args.update(
-        {
-            "qk_scale": plan.scale * math.log2(math.e),
-            "Q_LEN": plan.q_len,
-            "KV_LEN": plan.kv_len,
-            "Q_OFFSET": plan.q_offset,
-            "NUM_Q_BLOCKS": table.num_q_blocks,
-            "MAX_PARTIAL": table.kv_indices.shape[-1],
-            "MAX_FULL": table.full_indices.shape[-1],
-        }
-    )
+    """The forward kernel's arguments that a plan, its table and the tiles fix: the block table,
+    head -> program, the permutation, run-time lengths, the scale and the constexprs."""
+    args: dict[str, object] = {
+        "KvNumBlocks": table.kv_num_blocks.contiguous(),
+        "KvIndices": table.kv_indices.contiguous(),
+        "FullNumBlocks": table.full_num_blocks.contiguous(),
+        "FullIndices": table.full_indices.contiguous(),
+        "HeadToProgram": head_to_program,
+        "Order": order if order is not None else _placeholders(device)[torch.int64],
+        "qk_scale": plan.scale * math.log2(math.e),
+        "Q_LEN": plan.q_len,
+        "KV_LEN": plan.kv_len,
+        "Q_OFFSET": plan.q_offset,
+        "NUM_Q_BLOCKS": table.num_q_blocks,
+        "MAX_PARTIAL": table.kv_indices.shape[-1],
+        "MAX_FULL": table.full_indices.shape[-1],
+    }
     q_mult, kv_mult = mults
+    # a static table's rows run longest first (a run-time table keeps its order: Q_MULT programs
+    # share a row there, and sorting it would cost a device sort per call)
+    row_order = (q_mult, kv_mult) == (1, 1) and static_table
+    args["RowOrder"] = longest_first(table) if row_order else _placeholders(device)[torch.int32]
     consts = kernel_constexprs(
-        plan, tiles, q_mult=q_mult, kv_mult=kv_mult, count_visits=count_visits, dot_fp32=target == "interpret"
+        plan,
+        tiles,
+        q_mult=q_mult,
+        kv_mult=kv_mult,
+        row_order=row_order,
+        count_visits=count_visits,
+        dot_fp32=target == "interpret",
     )
     args.update(consts)
     return args
+
+
+def longest_first(table: BlockTable) -> torch.Tensor:
+    """int32 ``[programs, query blocks]``: per program its table rows by decreasing number of kv
+    blocks (partial blocks count 1.5: they also evaluate the mask), ties in row order."""
+    work = table.full_num_blocks.to(torch.float32) + 1.5 * table.kv_num_blocks.to(torch.float32)
+    return torch.sort(-work, dim=-1, stable=True).indices.to(torch.int32).contiguous()
+
+
+def _prepare(
+    plan: AttentionPlan,
+    cache: KernelCache,
+    target: str,
+    device: torch.device,
+    tiles: TileConfig,
+    count_visits: bool,
+    block_table: BlockTable | None,
+) -> _Prepared:
+    """The launch's static part, cached per (plan, target, device, tiles, visits) for the plan's
+    own table; built each call for a table given at run time."""
+    key = (plan, target, str(device), tiles, count_visits, id(cache))
+    # a recording cache (ahead-of-time compiles) must see every launch, and holds its tensors
+    cacheable = block_table is None and not isinstance(cache, RecordingCache)
+    hit = _prepared.get(key) if cacheable else None
+    if hit is not None:
+        return hit
+    if block_table is None:
+        table, head_to_program, order = device_data(plan, device, tiles)
+        mults = (1, 1)
+    else:
+        table = block_table
+        tiles, q_mult, kv_mult = fit_to_table(tiles, table.block_q, table.block_kv)
+        mults = (q_mult, kv_mult)
+        _, head_to_program, order = device_data(plan, device)
+    kernel = cache.kernel(plan, target)
+    static = _static_args(
+        plan, table, head_to_program, order, target, count_visits, tiles, mults, device, block_table is None
+    )
+    grid_m = -(-plan.q_len // tiles.block_m)
+    prepared = _Prepared(kernel, cache, tuple(kernel.arg_names), static, grid_m, tiles.launch())
+    if cacheable:
+        if len(_prepared) > 512:
+            _prepared.clear()
+        _prepared[key] = prepared
+    return prepared
 
 
 def attention_fwd(
@@ -155,18 +238,18 @@ def attention_fwd(
     """
     kv_order = _check_kv_order(plan, q, kv_order, block_table)
     target = target or ("cuda" if q.device.type == "cuda" else "interpret")
-    kernel = (cache or default_cache()).kernel(plan, target)
+    cache = cache or default_cache()
     dev = q.device
     b, h = q.shape[0], plan.num_heads
     if out is None:
         out = torch.empty(b, h, plan.q_len, plan.head_dim_v, dtype=q.dtype, device=dev)
     if lse is None:
         lse = torch.empty(b, h, plan.q_len, dtype=torch.float32, device=dev)
-    if tuple(lse.shape) != (b, h, plan.q_len) or not lse.is_contiguous() or lse.dtype != torch.float32:
+    elif tuple(lse.shape) != (b, h, plan.q_len) or not lse.is_contiguous() or lse.dtype != torch.float32:
         raise ValueError("lse must be a contiguous fp32 [B, H, Sq] tensor")
-    placeholder = torch.zeros(1, dtype=torch.int8, device=dev)
-    mask, mask_strides = mask_argument(mask_tensor, (b, h, plan.q_len, plan.kv_len), placeholder, torch.int8)
-    pointers: dict[str, object] = {
+    holders = _placeholders(dev)
+    mask, mask_strides = mask_argument(mask_tensor, (b, h, plan.q_len, plan.kv_len), holders[torch.int8], torch.int8)
+    per_call: dict[str, object] = {
         "Q": q,
         "K": k,
         "V": v,
@@ -174,27 +257,18 @@ def attention_fwd(
         "Lse": lse,
         "MaskTensor": mask,
         "KvOrder": kv_order,
-        "Visits": visits if visits is not None else placeholder.to(torch.int32),
+        "Visits": visits if visits is not None else holders[torch.int32],
     }
+    per_call.update(zip(_STRIDES, (*q.stride(), *k.stride(), *v.stride(), *out.stride())))
+    per_call.update(zip(_MASK_STRIDES, mask_strides))
 
     def launch(tiles: TileConfig) -> None:
-        if block_table is None:
-            table, head_to_program, order = device_data(plan, dev, tiles)
-            mults = (1, 1)
-        else:
-            table = block_table
-            tiles, *m = fit_to_table(tiles, table.block_q, table.block_kv)
-            mults = (m[0], m[1])
-            head_to_program = torch.tensor(plan.head_to_program, dtype=torch.int32, device=dev)
-            order = plan.order(dev)
-        grid = (-(-plan.q_len // tiles.block_m), b * h)
+        prep = _prepare(plan, cache, target, dev, tiles, visits is not None, block_table)
+        grid = (prep.grid_m, b * h)
         if visits is not None and (tuple(visits.shape) != (b * h, grid[0]) or visits.dtype != torch.int32):
             raise ValueError(f"visits must be int32 [{b * h}, {grid[0]}] (query tiles of {tiles.block_m})")
-        pointers["Order"] = order if order is not None else placeholder.to(torch.int64)
-        pointers["HeadToProgram"] = head_to_program
-        tensors = (q, k, v, out)
-        args = _kernel_args(plan, table, pointers, tensors, mask_strides, target, visits is not None, tiles, mults)
-        kernel[grid](**{name: args[name] for name in kernel.arg_names}, **tiles.launch())
+        static = prep.static
+        prep.kernel[grid](*[per_call[n] if n in per_call else static[n] for n in prep.names], **prep.launch)
 
     if config is None:
         if target == "cuda" and arch is None and dev.type == "cuda":
