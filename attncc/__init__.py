@@ -2,13 +2,15 @@
 
 ``torch.compile(model, backend="attncc", options={"spec": "my.yaml"})`` finds every
 attention in the traced graph, binds it to a policy from the YAML spec and replaces it
-with a fused kernel generated for that pattern.
+with a fused kernel generated for that pattern; ``attncc.apply(model, spec=...)`` does the
+same for a transformers model in eager mode, through its own attention hooks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from attncc.apply import ApplyError, apply
 from attncc.counters import counters
 from attncc.explain import Report, explain
 from attncc.ir.masks import MaskError
@@ -17,6 +19,8 @@ from attncc.spec import SiteShape, Spec, SpecError, load_spec, plan_for
 from attncc.version import __version__
 
 __all__ = [
+    "apply",
+    "ApplyError",
     "Spec",
     "SpecError",
     "MaskError",

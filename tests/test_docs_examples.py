@@ -31,3 +31,14 @@ def test_generate_example_in_usage(tmp_path):
     err = float(re.search(r"max \|logits - reference\|: (\S+)", run.stdout).group(1))
     assert err <= 1e-4
     assert "'unsupported': 0" in run.stdout and "'skipped': 0" in run.stdout
+
+
+def test_apply_example_in_usage(tmp_path):
+    pytest.importorskip("transformers")
+    script = tmp_path / "apply_example.py"
+    script.write_text(python_block("usage.md", "Without torch.compile: attncc.apply"))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "same tokens: True" in run.stdout
+    err = float(re.search(r"max \|logits - reference\|: (\S+)", run.stdout).group(1))
+    assert err <= 1e-4

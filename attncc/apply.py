@@ -1,0 +1,264 @@
+"""``attncc.apply(model, spec=...)``: switch a Hugging Face transformers model's attention to
+attncc's kernels in eager mode, through the model's own hooks, without ``torch.compile``.
+
+The model's attention implementation becomes a registered ``AttentionInterface`` function
+(``attncc-<n>``) with an ``AttentionMaskInterface`` mask function under the same name. The mask
+function keeps what the model asked for (its mask function, padding, query and key offsets)
+instead of building a tensor; the attention function then, per call:
+
+* finds the rule of the module (its path in the model and its layer index, as ``torch.compile``
+  binding does) and, when none matches, runs the attention the model had before ``apply``
+  (``sdpa`` or ``eager``) with the mask that implementation's own mask function builds: exactly
+  what the model computed;
+* otherwise binds a plan: the rule's masks intersected with the model's mask. A plain causal mask
+  is structure (``causal`` over positions, so blocks are skipped); anything else the model's mask
+  function says (padding, sliding windows, packed sequences, bidirectional or custom masks) is
+  the bool tensor that function builds, applied on top; queries sit at the model's absolute
+  positions (``q_offset``: the cache position, at prefill, chunks and decode alike);
+* runs the plan through ``torch.ops.attncc.attention`` (the op ``torch.compile(backend="attncc")``
+  rewrites to), so forward and backward are the same kernels in both modes.
+
+Attention dropout in training, key offsets (a sliding-window cache that dropped keys) and head
+layouts the spec cannot take leave the call to the model's attention with a log line (an error
+under ``strict=True``). ``attncc.apply(model, spec=None)`` restores the previous implementation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from attncc.ir import masks as M
+from attncc.ir.dtypes import dtype_name
+from attncc.passes.detect import layer_of
+from attncc.runtime import registry
+from attncc.spec import SiteShape, Spec, SpecError, load_spec, plan_for
+
+log = logging.getLogger("attncc")
+
+_COUNTER = itertools.count()
+_LOCK = threading.Lock()
+
+
+class ApplyError(RuntimeError):
+    """``attncc.apply`` cannot switch this model, or (``strict``) a call it cannot run."""
+
+
+class ModelMask(torch.Tensor):
+    """What the model's mask function was asked for, kept as structure: ``kwargs`` are the
+    arguments transformers passed to its mask interface (``batch_size``, ``q_length``,
+    ``kv_length``, ``q_offset``, ``kv_offset``, ``mask_function``, ``attention_mask`` (2D
+    padding), ...). It is a storage-less ``meta`` tensor of the mask's shape ``[B, 1, Sq, Skv]``,
+    so transformers treats it as a prepared 4D mask (``generate()`` with a static cache builds the
+    mask once and passes it back in); any operation on it gives a plain meta tensor, so model code
+    that computes with it fails loudly instead of using a wrong mask."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+    kwargs: dict
+
+    @staticmethod
+    def __new__(cls, kwargs: dict):
+        shape = (int(kwargs["batch_size"]), 1, int(kwargs["q_length"]), int(kwargs["kv_length"]))
+        t = torch.Tensor._make_subclass(cls, torch.empty(shape, dtype=torch.bool, device="meta"))
+        t.kwargs = kwargs
+        return t
+
+    def tensor(self, implementation: str, **overrides):
+        """The mask ``implementation``'s own mask function builds from the same arguments."""
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        return ALL_MASK_ATTENTION_FUNCTIONS[implementation](**{**self.kwargs, **overrides})
+
+
+def _int(x) -> int:
+    return int(x.item()) if isinstance(x, torch.Tensor) else int(x)
+
+
+@dataclass
+class _State:
+    spec: Spec
+    previous: str
+    executor: str
+    strict: bool
+    paths: dict[int, str]
+    #: (module path, shape key) -> registered plan key, or None for a site no rule matches
+    plans: dict[tuple, str | None] = field(default_factory=dict)
+
+
+def _refuse(state: _State, path: str, why: str) -> None:
+    if state.strict:
+        raise ApplyError(f"attncc.apply: {path}: {why}")
+    log.info("attncc.apply: %s runs the model's attention: %s", path, why)
+
+
+def _attention_function(state: _State):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def previous(module, query, key, value, mask, **kwargs):
+        fn = ALL_ATTENTION_FUNCTIONS[state.previous] if state.previous != "eager" else None
+        tensor = mask.tensor(state.previous) if isinstance(mask, ModelMask) else mask
+        if fn is None:
+            from importlib import import_module
+
+            eager = import_module(type(module).__module__).eager_attention_forward
+            return eager(module, query, key, value, tensor, **kwargs)
+        return fn(module, query, key, value, tensor, **kwargs)
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        path = state.paths.get(id(module), type(module).__name__)
+        if not isinstance(attention_mask, (ModelMask, type(None))):
+            _refuse(state, path, "the model passed a prepared mask tensor, not its mask arguments")
+            return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if dropout and module.training:
+            _refuse(state, path, f"attention dropout {dropout} in training")
+            return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        site = _site(state, module, path, query, key, value, attention_mask, scaling)
+        if site is None:
+            return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        plan_key, tensor, positions = site
+        out, _ = torch.ops.attncc.attention(query, key, value, tensor, positions, None, plan_key, state.executor)
+        return out.transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+@torch.compiler.disable
+def _mask_function(**kwargs) -> ModelMask:
+    # offsets may be a cache's live counters (a static cache bumps its length in place when a
+    # layer writes its keys): keep their values now, as a mask tensor built here would
+    snap = {
+        k: v.clone() if isinstance(v, torch.Tensor) and k in ("q_offset", "kv_offset") else v for k, v in kwargs.items()
+    }
+    return ModelMask(snap)
+
+
+def _causal_mask_function():
+    from transformers.masking_utils import causal_mask_function
+
+    return causal_mask_function
+
+
+@torch.compiler.disable
+def _site(state: _State, module, path: str, query, key, value, mask: ModelMask | None, scaling):
+    """``(plan key, mask tensor or None, positions or None)`` for this call, or None when the
+    model's attention runs it (no rule, or a refusal that was logged)."""
+    b, h, q_len, d = query.shape
+    kv_len = key.shape[2]
+    kw = mask.kwargs if mask is not None else {}
+    q_offset = _int(kw["q_offset"]) if "q_offset" in kw else kv_len - q_len
+    kv_offset = _int(kw.get("kv_offset", 0))
+    if mask is None:
+        causal = bool(getattr(module, "is_causal", True))
+    else:
+        causal = kw.get("mask_function") is _causal_mask_function()
+    # a plain causal mask is structure; anything else is the model's own mask tensor
+    structural = mask is None or (causal and kw.get("attention_mask") is None)
+    if kv_offset != 0:
+        _refuse(state, path, f"its keys start at position {kv_offset} (a cache that dropped keys)")
+        return None
+    if not causal and mask is None and q_len != kv_len:
+        _refuse(state, path, "a non-causal attention whose queries' positions among the keys are unknown")
+        return None
+    # a dynamic cache appends the queries' keys last ("end"); a static one holds them at the cache
+    # position ("given", passed per call)
+    where: Literal["end", "given"] = "end" if q_offset == kv_len - q_len else "given"
+    layer = getattr(module, "layer_idx", None)
+    layer = int(layer) if layer is not None else (layer_of(path) or 0)
+    dims = (b, h, key.shape[1], q_len, kv_len, d, value.shape[-1], str(query.dtype), scaling)
+    site_key = (path, layer, *dims, structural, causal, where)
+    if site_key not in state.plans:
+        shape = SiteShape(
+            num_heads=h,
+            q_len=q_len,
+            kv_len=kv_len,
+            layer=layer,
+            module=path,
+            num_kv_heads=key.shape[1],
+            head_dim=d,
+            head_dim_v=value.shape[-1],
+            dtype=dtype_name(query.dtype),
+            scale=scaling if scaling is not None else d**-0.5,
+            model_mask=M.Causal() if structural and causal else M.Full(),
+            mask_kind=None if structural else "bool",
+            q_offset=q_offset,
+            q_positions=where,
+        )
+        try:
+            plan = plan_for(state.spec, shape)
+        except SpecError as e:
+            if state.strict:
+                raise
+            log.info("attncc.apply: %s runs the model's attention: the spec cannot bind it: %s", path, e)
+            plan = None
+        if plan is None:
+            log.debug("attncc.apply: %s matches no rule: it runs as the model wrote it", path)
+        if len(state.plans) > 4096:
+            state.plans.clear()
+        state.plans[site_key] = None if plan is None else registry.register_plan(plan)
+    plan_key = state.plans[site_key]
+    if plan_key is None:
+        return None
+    positions = torch.arange(q_offset, q_offset + q_len) if where == "given" else None
+    tensor = None
+    if not structural:
+        assert mask is not None
+        # the model's mask exactly as its sdpa mask function builds it, never skipped to None
+        tensor = mask.tensor("sdpa", allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
+        if tensor is None:
+            _refuse(state, path, "its mask function built no mask tensor")
+            return None
+        if tensor.dtype != torch.bool:
+            tensor = tensor > torch.finfo(tensor.dtype).min / 2
+    return plan_key, tensor, positions
+
+
+def apply(model, spec=None, *, executor: str = "auto", strict: bool = False):
+    """Switch ``model`` (a transformers ``PreTrainedModel``) to attncc's kernels for the attentions
+    ``spec`` covers, in eager mode; ``spec=None`` restores the implementation it had. Returns the
+    model. ``executor``: as ``torch.compile``'s option (``auto``: ``torch`` on CPU, ``triton`` on
+    CUDA). ``strict``: raise instead of leaving a call to the model's attention."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as e:  # pragma: no cover - transformers is a test dependency
+        raise ApplyError("attncc.apply needs transformers (AttentionInterface)") from e
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ApplyError(
+            f"attncc.apply takes a transformers PreTrainedModel (with set_attn_implementation); got "
+            f"{type(model).__name__}; for other models use torch.compile(model, backend='attncc')"
+        )
+    state: _State | None = getattr(model, "_attncc_state", None)
+    if spec is None:
+        if state is not None:
+            model.set_attn_implementation(state.previous)
+            del model._attncc_state
+        return model
+    loaded = load_spec(spec)
+    previous = state.previous if state is not None else config._attn_implementation
+    if previous not in ("sdpa", "eager"):
+        raise ApplyError(
+            f"attncc.apply: the model runs attention implementation '{previous}'; attncc.apply takes "
+            "models on 'sdpa' or 'eager' (their attentions are what attncc reproduces where no rule applies)"
+        )
+    with _LOCK:
+        name = f"attncc-{next(_COUNTER)}"
+    new = _State(loaded, previous, executor, strict, {id(m): n for n, m in model.named_modules()})
+    AttentionInterface.register(name, _attention_function(new))
+    AttentionMaskInterface.register(name, _mask_function)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise ApplyError(
+            f"attncc.apply: {type(model).__name__} did not take attention implementation '{name}' "
+            "(models that do not dispatch through AttentionInterface cannot be switched; use torch.compile)"
+        )
+    model._attncc_state = new
+    return model
+
+
+__all__ = ["apply", "ApplyError", "ModelMask"]

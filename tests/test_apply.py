@@ -1,0 +1,165 @@
+"""``attncc.apply(model, spec=...)`` on transformers models, without torch.compile: generate() and
+training equal the same model given the pattern as an explicit mask through its own
+AttentionInterface (the reference of tests/test_generate.py, written from the spec's definition);
+sites no rule covers run exactly as before; ``spec=None`` undoes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from test_generate import PATTERNS, build, reference_attention, spec_of  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
+
+import attncc  # noqa: E402
+from attncc.apply import ApplyError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
+
+
+def _reference(pattern: str) -> str:
+    name = f"attncc_apply_ref_{pattern}"
+    transformers.AttentionInterface.register(name, reference_attention(pattern))
+    AttentionMaskInterface.register(name, eager_mask)
+    return name
+
+
+def _generate(model, ids, mask=None, cache="dynamic", new=12):
+    kw = dict(max_new_tokens=new, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    if mask is not None:
+        kw["attention_mask"] = mask
+    if cache == "static":
+        kw["cache_implementation"] = "static"
+    with torch.no_grad():
+        return model.generate(ids, **kw)
+
+
+def _prompt(batch=1, n=40):
+    ids = torch.randint(1, 64, (batch, n), generator=torch.Generator().manual_seed(1))
+    mask = None
+    if batch > 1:
+        mask = torch.ones(batch, n, dtype=torch.long)
+        mask[1, :7] = 0  # left padding
+    return ids, mask
+
+
+def check(arch="llama", pattern="streaming", cache="dynamic", batch=1, impl="sdpa", executor="auto"):
+    model = build(arch, impl)
+    ids, mask = _prompt(batch)
+    model.set_attn_implementation(_reference(pattern))
+    want = _generate(model, ids, mask, cache)
+    model.set_attn_implementation(impl)
+    attncc.apply(model, spec=spec_of(pattern), executor=executor)
+    try:
+        got = _generate(model, ids, mask, cache)
+    finally:
+        attncc.apply(model, spec=None)
+    assert model.config._attn_implementation == impl
+    assert torch.equal(got.sequences, want.sequences)
+    err = max(float((a - b).abs().max()) for a, b in zip(got.logits, want.logits))
+    assert err <= 1e-4, f"max |logits - reference| {err:.3g}"
+    return model, ids, mask, got
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_llama_sink_window_generates_the_reference(cache):
+    model, ids, mask, got = check(cache=cache)
+    # the pattern restricts at these lengths: the model without it decodes other logits, and
+    # after apply(spec=None) it is that model again, exactly
+    plain = _generate(model, ids, mask, cache)
+    assert max(float((a - b).abs().max()) for a, b in zip(got.logits, plain.logits)) > 1e-3
+    fresh = _generate(build("llama", "sdpa"), ids, mask, cache)
+    assert all(torch.equal(a, b) for a, b in zip(plain.logits, fresh.logits))
+
+
+@pytest.mark.parametrize("pattern", ["per_head", "layer_group"])
+def test_llama_patterns(pattern):
+    check(pattern=pattern)
+
+
+def test_left_padded_batch():
+    """Padding comes from the model's own mask function, as a tensor on top of the spec."""
+    check(batch=3)
+
+
+def test_eager_models_and_other_families():
+    check(impl="eager")
+    for arch in ("qwen2", "gemma3"):
+        check(arch=arch)
+
+
+def test_interpreted_kernels():
+    check(executor="interpret")
+
+
+def test_uncovered_layers_run_as_before():
+    """A rule for layer 1 only: layer 0 runs the model's sdpa attention with its own mask."""
+    spec = {
+        "attncc": 1,
+        "block_size": 16,
+        "rules": [{"where": {"layers": 1}, "mask": PATTERNS["streaming"][0][0]["mask"]}],
+    }
+
+    def pattern(qp, kp, head, layer):
+        return PATTERNS["streaming"][1](qp, kp, head, layer) if layer == 1 else kp <= qp
+
+    PATTERNS["layer1_only"] = ([], pattern)
+    model = build("llama", "sdpa")
+    ids, _ = _prompt()
+    model.set_attn_implementation(_reference("layer1_only"))
+    want = _generate(model, ids)
+    model.set_attn_implementation("sdpa")
+    attncc.apply(model, spec=spec)
+    got = _generate(model, ids)
+    assert torch.equal(got.sequences, want.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(got.logits, want.logits)) <= 1e-4
+
+
+def test_training_gradients_match_the_reference():
+    model = build("llama", "sdpa").train()
+    ids, _ = _prompt(batch=2, n=48)
+
+    def grads():
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.set_attn_implementation(_reference("streaming"))
+    want_loss, want = grads()
+    model.set_attn_implementation("sdpa")
+    attncc.apply(model, spec=spec_of("streaming"))
+    got_loss, got = grads()
+    assert abs(float(got_loss - want_loss)) <= 1e-5
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_torch_compile_of_an_applied_model():
+    """The applied model still compiles (plan binding runs outside the graph; the attention is the
+    same custom op), with the same logits."""
+    model = build("llama", "sdpa")
+    ids, _ = _prompt()
+    attncc.apply(model, spec=spec_of("streaming"))
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model)(ids).logits
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+
+
+def test_refusals():
+    with pytest.raises(ApplyError, match="PreTrainedModel"):
+        attncc.apply(torch.nn.Linear(2, 2), spec=spec_of("streaming"))
+    model = build("llama", "sdpa").train()
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    attncc.apply(model, spec=spec_of("streaming"), strict=True)
+    with pytest.raises(ApplyError, match="dropout"):
+        model(_prompt()[0])
+    attncc.apply(model, spec=None)
+    model(_prompt()[0])  # back to the model's own attention
+    with pytest.raises(attncc.SpecError):
+        attncc.apply(model, spec={"attncc": 1, "rules": [{"mask": "nonsense"}]})
