@@ -11,6 +11,7 @@ import torch
 
 from attncc.codegen.dump import write_kernels
 from attncc.codegen.files import write_file
+from attncc.importers import PatternError, duo_spec
 from attncc.ir import masks as M
 from attncc.ir.blocks import EMPTY, FULL, PARTIAL, classify
 from attncc.ir.dtypes import DTYPES, SPELLINGS
@@ -213,6 +214,22 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_duo(args: argparse.Namespace) -> int:
+    try:
+        text = duo_spec(
+            args.folder, threshold=args.threshold, sparsity=args.sparsity, group=args.group, block=args.block
+        )
+    except PatternError as e:
+        print(f"attncc import duo: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        write_file(pathlib.Path(args.output), text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="attncc", description="attncc: a compiler for sparse attention")
     sub = p.add_subparsers(dest="command", required=True)
@@ -249,6 +266,17 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--no-aot", action="store_true", help="skip the TTIR/TTGIR/PTX compiles")
     d.add_argument("--out", required=True, help="output folder")
     d.set_defaults(func=_dump)
+
+    imp = sub.add_parser("import", help="print a spec from another project's pattern files")
+    isub = imp.add_subparsers(dest="format", required=True)
+    duo = isub.add_parser("duo", help="DuoAttention: full_attention_heads.tsv + config.json -> per-layer head policies")
+    duo.add_argument("folder", help="pattern folder (full_attention_heads.tsv, config.json)")
+    duo.add_argument("--threshold", type=float, default=0.5, help="gate >= threshold: retrieval (full) head")
+    duo.add_argument("--sparsity", type=float, default=None, help="instead of --threshold: this quantile of the gates")
+    duo.add_argument("--group", type=int, default=1, help="query heads per kv head (GQA)")
+    duo.add_argument("--block", type=int, default=64, help="block_size of the spec")
+    duo.add_argument("-o", "--output", default=None, help="write the spec here (default: stdout)")
+    duo.set_defaults(func=_import_duo)
     return p
 
 
