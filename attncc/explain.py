@@ -1,5 +1,8 @@
-"""``attncc.explain(model, *args, spec=...)``: what the compiler would do to each attention, without
-running any attention kernel (the model is traced by Dynamo; its outputs are never computed)."""
+"""``attncc.explain(model, *args, spec=...)``: what the compiler would do to each attention. The model
+is traced by Dynamo and its outputs are not computed, except where a site's density depends on the
+inputs (a data-dependent selection, a run-time mask tensor such as padding): then the model runs
+once on the given inputs through ``torch.compile(backend="attncc")`` and those sites report the
+density they really had (``measure=False`` keeps explain a dry run)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ from typing import Any
 import torch
 
 from attncc.backend import Options, run_pipeline
+from attncc.codegen import executors
 from attncc.codegen.forward.generate import kernel_name
+from attncc.codegen.selectors.layout import dense_selected_mask
 from attncc.ir.plan import AttentionPlan, plan_density
 from attncc.passes.bind import Bind
 from attncc.passes.graph import val
@@ -107,9 +112,11 @@ def _density_text(d: list[float]) -> str:
     return "/".join(f"{x:.2f}" for x in d)
 
 
-def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
-    """Trace ``model(*args, **kwargs)`` with Dynamo, detect and bind every attention (no rewrite,
-    no attention computed) and report it."""
+def explain(model: Any, *args: Any, spec: Any = None, measure: bool = True, **kwargs: Any) -> Report:
+    """Trace ``model(*args, **kwargs)`` with Dynamo, detect and bind every attention (no rewrite)
+    and report it. Sites whose density depends on the inputs (data-dependent selection, run-time
+    mask tensors) are measured by running the model once on these inputs (``measure``); every
+    other density is the structural one, and no attention is computed for it."""
     # a dry run: no dump folder (even with ATTNCC_DUMP_DIR set) and no counters
     opts = Options.parse({"spec": spec, "dump_dir": None} if spec is not None else {"dump_dir": None})
     sites: list[SiteInfo] = []
@@ -157,7 +164,52 @@ def explain(model: Any, *args: Any, spec: Any = None, **kwargs: Any) -> Report:
             torch.compile(model, backend=capture, dynamic=False)(*args, **kwargs)
     finally:
         torch._dynamo.reset()
+    pending = [s for s in sites if s.plan is not None and (s.plan.is_dynamic or s.plan.mask_kind is not None)]
+    if measure and pending:
+        measured = measure_densities(model, args, kwargs, spec)
+        for s in pending:
+            assert s.plan is not None
+            # sites in graph order are the calls in call order (several share a key at the top module)
+            calls = measured.get((s.plan.name, s.plan.rule, s.plan.q_len, s.plan.kv_len))
+            got = calls.pop(0) if calls else None
+            if got is not None:
+                s.density = got
+                what = "selection" if s.plan.is_dynamic else "mask tensor"
+                s.notes.append(f"density measured on the given inputs (the {what} of this call)")
     return Report(sites, skipped, graphs)
+
+
+def allowed_fraction(plan: AttentionPlan, mask: torch.Tensor | None, selected: torch.Tensor | None) -> list[float]:
+    """Per head, the fraction of (query, key) pairs one call allowed: the plan's mask (under the
+    call's block selection) and the model's mask tensor (bool: True may attend; additive: a
+    finite value above half the dtype's lowest), averaged over the batch."""
+    dev = selected.device if selected is not None else (mask.device if mask is not None else None)
+    allowed = dense_selected_mask(plan, selected) if selected is not None else plan.dense_mask(dev).unsqueeze(0)
+    if mask is not None:
+        ok = mask if mask.dtype == torch.bool else (mask > torch.finfo(mask.dtype).min / 2) & mask.isfinite()
+        allowed = allowed & ok.to(allowed.device)
+    return [float(x) for x in allowed.float().mean(dim=(0, 2, 3)).tolist()]
+
+
+def measure_densities(model: Any, args: tuple, kwargs: dict, spec: Any) -> dict[tuple, list[list[float]]]:
+    """Run ``model(*args, **kwargs)`` once compiled by attncc with ``spec`` (no dump) and record,
+    per site key (module, rule, lengths), in call order, the per-head fraction of pairs each call
+    allowed."""
+    seen: dict[tuple, list[list[float]]] = {}
+
+    def observe(plan: AttentionPlan, mask: torch.Tensor | None, selected: torch.Tensor | None) -> None:
+        if plan.is_dynamic or mask is not None:
+            key = (plan.name, plan.rule, plan.q_len, plan.kv_len)
+            seen.setdefault(key, []).append(allowed_fraction(plan, mask, selected))
+
+    torch._dynamo.reset()
+    try:
+        with executors.observing(observe), torch.no_grad():
+            opts = {"spec": spec, "dump_dir": None}
+            torch.compile(model, backend="attncc", options=opts, dynamic=False)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return seen
 
 
 def _placeholder_outputs(gm: torch.fx.GraphModule):

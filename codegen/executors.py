@@ -15,6 +15,7 @@ tables; the others select with the torch reference and attend under a selection 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -110,6 +111,27 @@ def resolve_executor(name: str, device: torch.device) -> Executor:
     return executor
 
 
+#: callables ``(plan, mask tensor or None, selection or None)`` told about every forward call
+#: (:func:`observing`; explain measures densities on real inputs with it)
+_observers: list[Callable[[AttentionPlan, Tensor | None, Tensor | None], None]] = []
+
+
+@contextlib.contextmanager
+def observing(fn: Callable[[AttentionPlan, Tensor | None, Tensor | None], None]):
+    """Within the block, ``fn(plan, mask, selected)`` is called for every forward attention call:
+    its plan, the model's mask tensor and, for data-dependent plans, the selected blocks."""
+    _observers.append(fn)
+    try:
+        yield
+    finally:
+        _observers.remove(fn)
+
+
+def _observe(plan: AttentionPlan, mask: Tensor | None, selected: Tensor | None) -> None:
+    for fn in list(_observers):
+        fn(plan, mask, selected)
+
+
 def run(
     plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, executor: str = "auto"
 ) -> tuple[Tensor, Tensor]:
@@ -121,7 +143,11 @@ def run(
         return _no_pairs(plan, q)
     if plan.is_dynamic:
         selected = selectors.select_blocks(plan, q, k, ex.target)
+        if _observers:
+            _observe(plan, mask, selected)
         return selectors.attend(plan, q, k, v, mask, selected, ex.target)
+    if _observers:
+        _observe(plan, mask, None)
     if ex.decode is not None and decode_table.unsupported(plan) is None:
         return ex.decode(plan, q, k, v, mask)
     return ex.forward(plan, q, k, v, mask)
@@ -186,6 +212,8 @@ def attend(
     site or call)."""
     ex = resolve_executor(executor, q.device)
     check_inputs(plan, q, k, v, mask)
+    if _observers:
+        _observe(plan, mask, selected)
     return selectors.attend(plan, q, k, v, mask, selected, ex.target)
 
 

@@ -54,3 +54,37 @@ def test_explain_reports_layers_rules_density(monkeypatch, tmp_path):
     assert s0.kernel.endswith("_fwd_kernel")
     text = str(report)
     assert "<top>" in text and "first" in text and "2 attention sites" in text
+
+
+class PaddedAttention(torch.nn.Module):
+    """One SDPA call with a bool padding mask (keys the model passes at run time), 2 heads."""
+
+    def forward(self, x, keep):
+        q = x.view(2, -1, 2, 8).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q, q, attn_mask=keep[:, None, None, :])
+
+
+def test_explain_measures_a_topk_selection_on_the_given_inputs():
+    spec = {"attncc": 1, "block_size": 16, "rules": [{"mask": {"all": ["causal", {"topk": {"k": 1, "block": 16}}]}}]}
+    report = attncc.explain(TwoLayers(), torch.randn(1, 64, 16), spec=spec)
+    for s in report.sites:
+        assert s.density is not None and all(0 < d < 1 for d in s.density), s.density
+        assert any("measured" in n for n in s.notes)
+        # one 16 x 16 block per query block of 4, within causal: at most 4 * 256 pairs of 64 * 64
+        assert all(d <= 4 * 16 * 16 / 64**2 + 1e-9 for d in s.density)
+    assert "-" not in str(report).splitlines()[2].split()[-2]  # the density column is numeric
+    dry = attncc.explain(TwoLayers(), torch.randn(1, 64, 16), spec=spec, measure=False)
+    assert all(s.density is None for s in dry.sites)
+
+
+def test_explain_measures_a_padding_mask():
+    keep = torch.ones(2, 24, dtype=torch.bool)
+    keep[1, 16:] = False  # the second sequence has 16 real keys
+    spec = {"attncc": 1, "block_size": 16, "rules": [{"mask": {"window": {"before": 4, "after": 4}}}]}
+    report = attncc.explain(PaddedAttention(), torch.randn(2, 24, 16), keep, spec=spec)
+    (site,) = report.sites
+    q = torch.arange(24)[:, None]
+    k = torch.arange(24)[None, :]
+    window = (q - 4 <= k) & (k <= q + 4)  # docs/spec.md: window before/after
+    want = (window[None] & keep[:, None, :]).float().mean().item()
+    assert site.density is not None and all(abs(d - want) < 1e-6 for d in site.density)
