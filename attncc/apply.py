@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from attncc.backend import setup_logging
 from attncc.ir import masks as M
 from attncc.ir.dtypes import dtype_name
 from attncc.passes.detect import layer_of
@@ -239,6 +240,7 @@ def apply(model, spec=None, *, executor: str = "auto", strict: bool = False):
             model.set_attn_implementation(state.previous)
             del model._attncc_state
         return model
+    setup_logging()
     loaded = load_spec(spec)
     previous = state.previous if state is not None else config._attn_implementation
     if previous not in ("sdpa", "eager"):

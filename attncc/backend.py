@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import sys
 import warnings
@@ -74,10 +75,53 @@ class Options:
         )
 
 
+def register_torch_logs() -> bool:
+    """Make the ``attncc`` logger one of torch's logs: ``TORCH_LOGS="+attncc"`` (debug) or
+    ``TORCH_LOGS="attncc"`` (info), and ``torch._logging.set_logs(attncc=logging.DEBUG)``. Uses
+    torch's private logging registry; where it has moved, returns False and ``ATTNCC_LOG`` is
+    the way to turn the log on."""
+    try:
+        from torch._logging import _internal as torch_logs
+
+        if "attncc" not in torch_logs.log_registry.log_alias_to_log_qnames:
+            # registered while torch imports (its backend autoload) TORCH_LOGS is parsed after
+            # this; registered later, _torch_logs_from_env sets the level on first use
+            torch_logs.register_log("attncc", "attncc")
+        return True
+    except Exception:  # a private API: never let its changes break attncc
+        return False
+
+
+register_torch_logs()
+
+
+def _torch_logs_from_env() -> None:
+    """``TORCH_LOGS`` naming ``attncc`` when torch parsed it before attncc registered its log:
+    the level it asks for (``+attncc`` debug, ``attncc`` info, ``-attncc`` errors only), torch's
+    log format."""
+    tokens = [t.strip() for t in os.environ.get("TORCH_LOGS", "").split(",")]
+    levels = {"+attncc": logging.DEBUG, "attncc": logging.INFO, "-attncc": logging.ERROR}
+    hit = [levels[t] for t in tokens if t in levels]
+    if not hit or log.handlers:
+        return
+    log.setLevel(hit[-1])
+    log.propagate = False
+    h = logging.StreamHandler(sys.stderr)
+    try:
+        from torch._logging._internal import DEFAULT_FORMATTER
+
+        h.setFormatter(DEFAULT_FORMATTER)
+    except ImportError:  # a private API
+        h.setFormatter(logging.Formatter("[attncc] %(levelname)s %(message)s"))
+    log.addHandler(h)
+
+
 def setup_logging() -> None:
-    """``ATTNCC_LOG=1|info|debug`` logs sites and bindings to stderr as ``[attncc] ...``."""
+    """``ATTNCC_LOG=1|info|debug`` logs sites and bindings to stderr as ``[attncc] ...``;
+    ``TORCH_LOGS="+attncc"`` (or ``attncc``) as torch's own logs."""
     level = config.log
     if not level or str(level).lower() in ("0", "false", "off"):
+        _torch_logs_from_env()
         return
     lvl = logging.DEBUG if str(level).lower() == "debug" else logging.INFO
     log.setLevel(lvl)

@@ -10,12 +10,14 @@ counts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -25,6 +27,8 @@ from attncc.codegen.cache import FORWARD, KernelCache, KernelFamily, default_cac
 from attncc.codegen.files import copy_file, write_file
 from attncc.codegen.forward.generate import kernel_name
 from attncc.ir.plan import AttentionPlan
+
+log = logging.getLogger("attncc")
 
 #: compute capabilities compiled by default: Hopper, Ampere
 DEFAULT_ARCHS = (90, 80)
@@ -144,6 +148,9 @@ def compile_jobs(jobs: list[Job], timeout: float = TIMEOUT_S, workers: int = 1) 
     kernel."""
     if not jobs:
         return []
+    started = time.perf_counter()
+    archs = sorted({f"sm_{j.arch}" for j in jobs})
+    log.info("ahead-of-time compile: %d kernels for %s in %d process(es)...", len(jobs), ", ".join(archs), workers)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     workers = max(1, min(workers, len(jobs)))
@@ -181,6 +188,10 @@ def compile_jobs(jobs: list[Job], timeout: float = TIMEOUT_S, workers: int = 1) 
             tiles = {k: c[k] for k in ("BLOCK_M", "BLOCK_N") if k in c}
             r["launch"] = dict(tiles, num_warps=jobs[i].num_warps, num_stages=jobs[i].num_stages)
             results[i] = r
+    failed = sum("error" in r for r in results)
+    log.info(
+        "ahead-of-time compile: %d kernels in %.1f s (%d failed)", len(jobs), time.perf_counter() - started, failed
+    )
     return results
 
 
