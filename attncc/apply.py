@@ -1,5 +1,12 @@
-"""``attncc.apply(model, spec=...)``: switch a Hugging Face transformers model's attention to
-attncc's kernels in eager mode, through the model's own hooks, without ``torch.compile``.
+"""``attncc.apply(model, spec=...)``: switch a Hugging Face transformers or diffusers model's
+attention to attncc's kernels in eager mode, through the model's own hooks, without
+``torch.compile``.
+
+Diffusers models (attention modules holding a ``processor``): while each attention module runs, a
+torch-function mode sends its ``scaled_dot_product_attention`` calls (diffusers' native backend)
+to attncc's op when a rule binds the module (path, layer = the number in the path), keeping the
+call's mask tensor and ``is_causal``; other calls run as written. The rest of this docstring is
+about transformers models.
 
 The model's attention implementation becomes a registered ``AttentionInterface`` function
 (``attncc-<n>``) with an ``AttentionMaskInterface`` mask function under the same name. The mask
@@ -91,7 +98,7 @@ class _State:
     plans: dict[tuple, str | None] = field(default_factory=dict)
 
 
-def _refuse(state: _State, path: str, why: str) -> None:
+def _refuse(state: _State | _ModuleState, path: str, why: str) -> None:
     if state.strict:
         raise ApplyError(f"attncc.apply: {path}: {why}")
     log.info("attncc.apply: %s runs the model's attention: %s", path, why)
@@ -218,6 +225,142 @@ def _site(state: _State, module, path: str, query, key, value, mask: ModelMask |
     return plan_key, tensor, positions
 
 
+class _SdpaInterceptor(torch.overrides.TorchFunctionMode):
+    """Inside one attention module's forward: its ``F.scaled_dot_product_attention`` calls go to
+    attncc's op when a rule binds them, and run as written otherwise."""
+
+    def __init__(self, state: _ModuleState, module: torch.nn.Module, path: str):
+        super().__init__()
+        self.state, self.module, self.path = state, module, path
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            out = _sdpa_site(self.state, self.module, self.path, *args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+@dataclass
+class _ModuleState:
+    spec: Spec
+    executor: str
+    strict: bool
+    handles: list = field(default_factory=list)
+    plans: dict[tuple, str | None] = field(default_factory=dict)
+    modes: list = field(default_factory=list)
+
+
+def _sdpa_site(
+    state: _ModuleState,
+    module,
+    path: str,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+):
+    """The attncc op's output for one SDPA call of a diffusers attention, or None to run it as
+    the model wrote it (no rule matches, or a refusal that is logged)."""
+    if dropout_p:
+        _refuse(state, path, f"attention dropout {dropout_p}")
+        return None
+    if query.dim() != 4 or key.dim() != 4 or (key.shape[1] != query.shape[1] and not enable_gqa):
+        _refuse(state, path, f"SDPA operands {tuple(query.shape)} / {tuple(key.shape)} are not [B, H, S, D] heads")
+        return None
+    plan_key = _module_plan(state, module, path, query, key, value, attn_mask, is_causal, scale)
+    if plan_key is None:
+        return None
+    mask = attn_mask
+    if mask is not None and mask.dim() < 4:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    out, _ = torch.ops.attncc.attention(query, key, value, mask, None, None, plan_key, state.executor)
+    return out
+
+
+@torch.compiler.disable
+def _module_plan(state: _ModuleState, module, path, query, key, value, attn_mask, is_causal, scale) -> str | None:
+    b, h, q_len, d = query.shape
+    kv_len = key.shape[2]
+    layer = layer_of(path) or 0
+    kind: Literal["bool", "additive"] | None = None
+    if attn_mask is not None:
+        kind = "bool" if attn_mask.dtype == torch.bool else "additive"
+    where: Literal["start", "unknown"] = "start" if (q_len == kv_len or is_causal) else "unknown"
+    site_key = (path, b, h, key.shape[1], q_len, kv_len, d, value.shape[-1], str(query.dtype), scale, kind, is_causal)
+    if site_key not in state.plans:
+        shape = SiteShape(
+            num_heads=h,
+            q_len=q_len,
+            kv_len=kv_len,
+            layer=layer,
+            module=path,
+            num_kv_heads=key.shape[1],
+            head_dim=d,
+            head_dim_v=value.shape[-1],
+            dtype=dtype_name(query.dtype),
+            scale=scale if scale is not None else d**-0.5,
+            model_mask=M.Causal() if is_causal else M.Full(),
+            mask_kind=kind,
+            q_positions=where,
+        )
+        try:
+            plan = plan_for(state.spec, shape)
+        except SpecError as e:
+            if state.strict:
+                raise
+            log.info("attncc.apply: %s runs the model's attention: the spec cannot bind it: %s", path, e)
+            plan = None
+        if len(state.plans) > 4096:
+            state.plans.clear()
+        state.plans[site_key] = None if plan is None else registry.register_plan(plan)
+    return state.plans[site_key]
+
+
+def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """diffusers attention modules (they hold a ``processor``), outermost first."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]
+
+
+def _apply_modules(model: torch.nn.Module, spec, executor: str, strict: bool):
+    """``attncc.apply`` for diffusers models: each attention module's SDPA calls intercepted while
+    its forward runs (forward hooks and a torch-function mode)."""
+    old: _ModuleState | None = getattr(model, "_attncc_module_state", None)
+    if old is not None:
+        for handle in old.handles:
+            handle.remove()
+        del model._attncc_module_state
+    if spec is None:
+        return model
+    sites = _attention_modules(model)
+    if not sites:
+        raise ApplyError(
+            f"attncc.apply: {type(model).__name__} is neither a transformers PreTrainedModel nor a diffusers model "
+            "with attention processors; use torch.compile(model, backend='attncc')"
+        )
+    state = _ModuleState(load_spec(spec), executor, strict)
+
+    for path, module in sites:
+
+        def enter(mod, args, path=path):
+            mode = _SdpaInterceptor(state, mod, path)
+            mode.__enter__()
+            state.modes.append(mode)
+
+        def leave(mod, args, output):
+            state.modes.pop().__exit__(None, None, None)
+
+        state.handles.append(module.register_forward_pre_hook(enter))
+        state.handles.append(module.register_forward_hook(leave, always_call=True))
+    setattr(model, "_attncc_module_state", state)  # noqa: B010 (a module attribute, not a submodule)
+    return model
+
+
 def apply(model, spec=None, *, executor: str = "auto", strict: bool = False):
     """Switch ``model`` (a transformers ``PreTrainedModel``) to attncc's kernels for the attentions
     ``spec`` covers, in eager mode; ``spec=None`` restores the implementation it had. Returns the
@@ -230,10 +373,8 @@ def apply(model, spec=None, *, executor: str = "auto", strict: bool = False):
         raise ApplyError("attncc.apply needs transformers (AttentionInterface)") from e
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
-        raise ApplyError(
-            f"attncc.apply takes a transformers PreTrainedModel (with set_attn_implementation); got "
-            f"{type(model).__name__}; for other models use torch.compile(model, backend='attncc')"
-        )
+        setup_logging()
+        return _apply_modules(model, spec, executor, strict)
     state: _State | None = getattr(model, "_attncc_state", None)
     if spec is None:
         if state is not None:

@@ -512,6 +512,22 @@ def _candidates(pattern: torch.Tensor, q_offset: int) -> list[M.Mask]:
     return out
 
 
+def _feeds_product(sm: fx.Node) -> bool:
+    """The softmax's output reaches a matmul / einsum (through casts, dropout and reshapes):
+    softmax(.) @ V."""
+    frontier, seen = [sm], set()
+    while frontier:
+        n = frontier.pop()
+        for u in n.users:
+            k = kind(u)
+            if k in ("matmul", "einsum"):
+                return True
+            if k in ("cast", "dropout", "reshape") and u not in seen:
+                seen.add(u)
+                frontier.append(u)
+    return False
+
+
 # -- detection ----------------------------------------------------------------------------------
 class _Detector:
     def __init__(self, gm: fx.GraphModule):
@@ -528,7 +544,9 @@ class _Detector:
             try:
                 site = self._sdpa(node) if k == "sdpa" else self._explicit(node)
             except NotASite as e:
-                if e.attention_like:
+                # a softmax whose probabilities feed a product looks like attention however its
+                # scores were computed: say why it was not taken
+                if e.attention_like or (k == "softmax" and _feeds_product(node)):
                     self.skipped.append(Skipped([node.name], module_of(node), e.reason))
                 continue
             self.sites.append(site)
@@ -778,7 +796,14 @@ class _Detector:
         while kind(cur) not in ("matmul", "einsum"):
             nxt = self._score_step(cur, kind(cur), ops)
             if nxt is None:
-                raise NotASite(f"softmax input is not a QK product (stopped at {cur.name})", attention_like=False)
+                op = getattr(cur.target, "__name__", str(cur.target)) if isinstance(cur, fx.Node) else repr(cur)
+                near = [cur, *cur.all_input_nodes] if isinstance(cur, fx.Node) else []
+                capped = any("tanh" in str(getattr(n.target, "__name__", n.target)) for n in near)
+                why = " (score soft-capping, tanh(s / c) * c, is not compiled yet)" if capped else ""
+                raise NotASite(
+                    f"softmax input is not a QK product (stopped at {getattr(cur, 'name', cur)}: {op}){why}",
+                    attention_like=False,
+                )
             chain.append(cur)
             cur = nxt
         return cur, chain, ops

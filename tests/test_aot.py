@@ -45,7 +45,7 @@ def test_kernels_at_benchmark_shapes_fit_hopper(tmp_path, head_dim, dtype):
         assert "error" not in r, f"{name}: {r['error']}"
         ptx = pathlib.Path(r["files"]["ptx"]).read_text()
         if not name.endswith("_preprocess_kernel"):
-            assert r["stack_bytes"] == 0 and r["num_regs"] <= 255, (name, r)
+            assert r["stack_bytes"] == 0 and r["num_regs"] < 255, (name, r)
         if name.endswith(("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")):
             assert ptx.count("wgmma.mma_async") >= 2, f"{name}: fewer than two wgmma GEMMs"
         if name.endswith("_fwd_kernel"):

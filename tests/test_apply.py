@@ -163,3 +163,91 @@ def test_refusals():
     model(_prompt()[0])  # back to the model's own attention
     with pytest.raises(attncc.SpecError):
         attncc.apply(model, spec={"attncc": 1, "rules": [{"mask": "nonsense"}]})
+
+
+# -- diffusers -----------------------------------------------------------------------------------
+
+
+class ExplicitMask(torch.overrides.TorchFunctionMode):
+    """The reference: every SDPA call given the pattern as an explicit bool mask over its
+    (joint text + image) token positions, written here from docs/spec.md's window definition."""
+
+    def __init__(self, before: int, after: int):
+        super().__init__()
+        self.before, self.after = before, after
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            q = args[0] if args else kwargs["query"]
+            n = q.shape[-2]
+            qp, kp = torch.arange(n)[:, None], torch.arange(n)[None, :]
+            allowed = (qp - self.before <= kp) & (kp <= qp + self.after)
+            assert kwargs.get("attn_mask") is None
+            return func(*args, **{**kwargs, "attn_mask": allowed})
+        return func(*args, **kwargs)
+
+
+def flux():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+    g = torch.Generator().manual_seed(2)
+    inputs = dict(
+        hidden_states=torch.randn(1, 48, 4, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.randn(48, 3, generator=g),
+        txt_ids=torch.zeros(8, 3),
+    )
+    return model, inputs
+
+
+def test_flux_transformer_equals_explicit_masks():
+    model, inputs = flux()
+    spec = {"attncc": 1, "block_size": 16, "rules": [{"mask": {"window": {"before": 5, "after": 7}}}]}
+    with torch.no_grad():
+        plain = model(**inputs).sample
+        with ExplicitMask(5, 7):
+            want = model(**inputs).sample
+        attncc.apply(model, spec=spec)
+        got = model(**inputs).sample
+        attncc.apply(model, spec=None)
+        again = model(**inputs).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert float((got - plain).abs().max()) > 1e-3  # the window restricts at 56 tokens
+    assert torch.equal(again, plain)  # undone: the model's own attention, exactly
+
+
+def test_flux_rule_for_one_block_type_only():
+    """``where.module`` selects the double-stream blocks; the single-stream ones run as written."""
+    model, inputs = flux()
+    spec = {
+        "attncc": 1,
+        "block_size": 16,
+        "rules": [{"where": {"module": "transformer_blocks.*"}, "mask": {"window": {"before": 5, "after": 7}}}],
+    }
+    with torch.no_grad():
+        blocks = model.transformer_blocks[0].attn
+        mode = ExplicitMask(5, 7)
+        handles = [
+            blocks.register_forward_pre_hook(lambda *a: [mode.__enter__(), None][1]),
+            blocks.register_forward_hook(lambda *a: mode.__exit__(None, None, None)),
+        ]
+        want = model(**inputs).sample
+        for h in handles:
+            h.remove()
+        attncc.apply(model, spec=spec)
+        got = model(**inputs).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -136,7 +136,8 @@ def training_dropout(q, k, v, m):
 
 @pytest.mark.parametrize(
     "body,skipped",
-    [(softmax_not_over_qk, 0), (probs_returned, 1), (training_dropout, 1)],
+    # a softmax feeding a product looks like attention: left as written, and reported with why
+    [(softmax_not_over_qk, 1), (probs_returned, 1), (training_dropout, 1)],
     ids=["softmax-not-over-qk", "probabilities-returned", "training-dropout"],
 )
 def test_negative_cases_left_untouched(body, skipped):

@@ -42,3 +42,13 @@ def test_apply_example_in_usage(tmp_path):
     assert "same tokens: True" in run.stdout
     err = float(re.search(r"max \|logits - reference\|: (\S+)", run.stdout).group(1))
     assert err <= 1e-4
+
+
+def test_apply_diffusers_example_in_usage(tmp_path):
+    pytest.importorskip("diffusers")
+    script = tmp_path / "apply_diffusers_example.py"
+    script.write_text(python_block("usage.md", "attncc.apply on a diffusers model"))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    err = float(re.search(r"max \|out - reference\|: (\S+)", run.stdout).group(1))
+    assert err <= 1e-5

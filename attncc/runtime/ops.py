@@ -137,8 +137,11 @@ def attention(
     mask: Tensor | None = None,
     executor: str = "auto",
     positions: Tensor | None = None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``out`` of attention per ``plan`` through the custom op (registering the plan),
-    differentiable in q, k and v."""
-    out, _ = torch.ops.attncc.attention(q, k, v, mask, positions, None, registry.register_plan(plan), executor)
-    return out
+    differentiable in q, k and v; with ``return_lse``, ``(out, lse)``: the fp32 ``[B, H, Sq]``
+    natural-log log-sum-exp of each row's scaled scores (``-inf`` for a row with no key), for
+    merging partial attentions (context parallelism, split KV) - differentiable too."""
+    out, lse = torch.ops.attncc.attention(q, k, v, mask, positions, None, registry.register_plan(plan), executor)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,152 @@
+"""Spellings of attention scores that real models write: in-place arithmetic on the scores
+(``scores /= sqrt(d)``, ``scores.masked_fill_(m, v)`` as a statement), ``baddbmm`` (Bloom's fused
+bias + QK^T); and every softmax(.) @ V that is not taken is reported with its reason. Each compiled
+model is checked against the uncompiled one, and against an explicit mask where a rule restricts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attncc
+
+pytestmark = pytest.mark.usefixtures("fresh_compiler")
+
+WINDOW = {"attncc": 1, "block_size": 16, "rules": [{"mask": {"window": {"before": 6, "after": 0}}}]}
+FULL = {"attncc": 1, "block_size": 16, "rules": [{"mask": "full"}]}
+
+
+class Scores(torch.nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v, pad):
+        s = q @ k.transpose(-1, -2)
+        d = q.shape[-1]
+        if self.how == "itruediv":
+            s /= math.sqrt(d)
+        elif self.how == "imul":
+            s *= d**-0.5
+        elif self.how == "masked_fill_statement":
+            s.masked_fill_(pad, float("-inf"))  # the result unused: `s` is read after the mutation
+            s = s / math.sqrt(d)
+        elif self.how == "add_statement":
+            s.add_(pad.float() * -1e9)
+            s = s * d**-0.5
+        elif self.how == "alias_read_before":
+            before = s.sum()  # read before the mutation: the old value
+            s /= math.sqrt(d)
+            return s.softmax(-1) @ v + before
+        elif self.how == "view_mutation":
+            s[..., :4] += 1.0  # through a view: stays as written
+            s = s / math.sqrt(d)
+        elif self.how == "baddbmm":
+            b, h, n, _ = q.shape
+            bias = torch.arange(n, dtype=q.dtype).expand(b * h, n, n) * -0.1  # an ALiBi-like bias
+            s = torch.baddbmm(bias, q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2), alpha=d**-0.5)
+            s = s.view(b, h, n, n)
+        return s.softmax(-1) @ v
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
+    pad = torch.zeros(32, 32, dtype=torch.bool)
+    pad[:, 27:] = True
+    return q, k, v, pad
+
+
+@pytest.mark.parametrize(
+    "how,rewritten",
+    [
+        ("itruediv", 1),
+        ("imul", 1),
+        ("masked_fill_statement", 1),
+        ("add_statement", 1),
+        # the product is also read elsewhere: exact out of place, then left as written by detection
+        ("alias_read_before", 0),
+        ("view_mutation", 0),
+    ],
+)
+def test_in_place_score_arithmetic(how, rewritten):
+    q, k, v, pad = _inputs()
+    model = Scores(how)
+    want = model(q.clone(), k.clone(), v.clone(), pad)
+    got = torch.compile(model, backend="attncc", options={"spec": FULL, "strict": rewritten == 1})(q, k, v, pad)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert attncc.counters["rewritten"] == rewritten
+    if not rewritten:
+        assert attncc.counters["skipped"] == 1  # reported, not silent
+
+
+def test_in_place_division_under_a_window_equals_the_explicit_mask():
+    q, k, v, pad = _inputs()
+    got = torch.compile(Scores("itruediv"), backend="attncc", options={"spec": WINDOW, "strict": True})(q, k, v, pad)
+    qp, kp = torch.arange(32)[:, None], torch.arange(32)[None, :]
+    allowed = (qp - 6 <= kp) & (kp <= qp)  # docs/spec.md window before/after
+    s = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    want = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.double()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+
+
+def test_baddbmm_is_product_scale_and_bias():
+    """Bloom's spelling reaches detection as product, scale and an additive bias; this graph then
+    reshapes the scores from [B*H] to [B, H], which detection does not follow: reported, exact."""
+    q, k, v, pad = _inputs()
+    model = Scores("baddbmm")
+    want = model(q, k, v, pad)
+    report = attncc.explain(model, q, k, v, pad, spec=FULL)
+    assert report.skipped and "softmax input is not a QK product" in report.skipped[0]
+    got = torch.compile(model, backend="attncc", options={"spec": FULL})(q, k, v, pad)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_baddbmm_without_reshape_is_rewritten():
+    class Merged(torch.nn.Module):
+        def forward(self, q, k, v):  # [B*H, S, D] operands, as Bloom's bmm path
+            bias = torch.arange(q.shape[1], dtype=q.dtype).expand(q.shape[0], q.shape[1], q.shape[1]) * -0.1
+            s = torch.baddbmm(bias, q, k.transpose(1, 2), beta=1.0, alpha=0.25)
+            return torch.bmm(s.softmax(-1), v)
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 32, 16, generator=g) for _ in range(3))
+    want = Merged()(q, k, v)
+    got = torch.compile(Merged(), backend="attncc", options={"spec": FULL, "strict": True})(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert attncc.counters["rewritten"] == 1
+
+
+def test_soft_capped_scores_are_reported_with_the_reason():
+    class Capped(torch.nn.Module):
+        def forward(self, q, k, v):
+            s = q @ k.transpose(-1, -2) * 0.25
+            return (torch.tanh(s / 30.0) * 30.0).softmax(-1) @ v
+
+    q, k, v, _ = _inputs()
+    report = attncc.explain(Capped(), q, k, v, spec=FULL)
+    assert not report.sites and "soft-capping" in report.skipped[0]
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_falcon_eager(alibi):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.FalconConfig(
+        vocab_size=64, hidden_size=32, num_attention_heads=4, num_hidden_layers=2, alibi=alibi
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 64, (1, 24))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend="attncc", options={"spec": FULL})(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    if alibi:
+        # its in-place ALiBi scores pass through a [B*H] -> [B, H] view detection does not follow
+        assert attncc.counters["rewritten"] == 0 and attncc.counters["skipped"] == 2
+    else:
+        # its `scores /= sqrt(d)` is read as a division now: both layers rewritten
+        assert attncc.counters["rewritten"] == 2 and attncc.counters["skipped"] == 0
