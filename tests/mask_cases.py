@@ -44,6 +44,7 @@ CASES: dict[str, Callable[[int], object]] = {
     "prefix": lambda n: {"prefix": max(1, n // 3)},
     "global": lambda n: {"global": max(1, n // 20)},
     "chunk": lambda n: {"chunk": max(1, n // 3)},
+    "chunk/shift": lambda n: {"chunk": {"size": max(2, n // 3), "shift": max(2, n // 3) // 2}},
     "block_causal": lambda n: {"block_causal": max(1, n // 6)},
     "strided": lambda n: {"strided": 5},
     "power": lambda n: {"power": 4},

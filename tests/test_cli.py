@@ -41,6 +41,7 @@ EXPLAIN = {
     "power": (256, 2, 1, {0: "power-of-two"}),
     "block_diffusion": (64, 2, 1, {0: "block-causal"}),
     "video_tile": (1024, 1, 1, {0: "neighbourhood-3d"}),
+    "sinklora": (4096, 8, 1, {0: "rules[0]"}),
 }
 
 

@@ -350,3 +350,18 @@ def test_triton_predicates_match_dense_under_the_interpreter(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "BAD []" in done.stdout, textwrap.shorten(done.stdout, 2000)
+
+
+def test_shifted_chunks_are_the_s2_attention_groups():
+    """``{chunk: {size, shift}}`` from its definition: (q + S) // B == (kv + S) // B; malformed
+    shifts are refused at their key."""
+    from attncc.spec import parse_mask as parse
+
+    m = parse({"chunk": {"size": 8, "shift": 4}}, {})
+    q, k = torch.arange(40)[:, None], torch.arange(40)[None, :]
+    want = (q + 4) // 8 == (k + 4) // 8
+    assert torch.equal(M.dense(m, 40, 40)[0], want)
+    assert parse({"chunk": {"size": 8}}, {}) == M.Chunk(8) and m.to_spec() == {"chunk": {"size": 8, "shift": 4}}
+    for bad, match in (({"size": 8, "shift": 8}, "smaller than chunk.size"), ({"size": 8, "by": 1}, "unknown key")):
+        with pytest.raises(M.MaskError, match=match):
+            parse({"chunk": bad}, {})
