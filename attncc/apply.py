@@ -32,11 +32,14 @@ under ``strict=True``). ``attncc.apply(model, spec=None)`` restores the previous
 
 from __future__ import annotations
 
+import functools
+import inspect
 import itertools
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -104,30 +107,80 @@ def _refuse(state: _State | _ModuleState, path: str, why: str) -> None:
     log.info("attncc.apply: %s runs the model's attention: %s", path, why)
 
 
+#: keyword arguments transformers passes to attention functions that sdpa and eager attention
+#: do not read (the mask carries windows and positions); any other one with a value (a relative
+#: bias, a soft-cap, attention sinks, ...) changes the result, so such a call runs the model's own
+_HARMLESS = frozenset(
+    {
+        "position_ids",
+        "cache_position",
+        "use_cache",
+        "sliding_window",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+        "output_attentions",
+        "is_causal",
+    }
+)
+_eager_defaults: dict[type, Any] = {}
+
+
+def _call_site_eager(module) -> Any:
+    """The eager attention function ``module``'s forward falls back to (the default argument of
+    its ``ALL_ATTENTION_FUNCTIONS.get_interface`` call, or what it assigns before dispatching):
+    what the model runs with ``attn_implementation="eager"``. ApplyError when it cannot be found."""
+    cls = type(module)
+    hit = _eager_defaults.get(cls)
+    if hit is not None:
+        return hit
+    fwd = inspect.unwrap(cls.forward)  # past decorators (deprecate_kwarg, ...) to the method itself
+    try:
+        src = inspect.getsource(fwd)
+    except (OSError, TypeError):
+        src = ""
+    m = re.search(r"get_interface\((?:[^()]|\([^()]*\))*?,\s*([A-Za-z_]\w*)\s*\)", src, re.S)
+    m = m or re.search(r"attention_interface\s*(?::[^=\n]*)?=\s*([A-Za-z_]\w*)\s*$", src, re.M)
+    fn = fwd.__globals__.get(m.group(1)) if m else None
+    if not callable(fn):
+        raise ApplyError(
+            f"attncc.apply: cannot find the eager attention function {cls.__name__}.forward uses, so its calls "
+            "that attncc does not take cannot run as before; switch the model to attn_implementation='sdpa' first"
+        )
+    _eager_defaults[cls] = fn
+    return fn
+
+
 def _attention_function(state: _State):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     def previous(module, query, key, value, mask, **kwargs):
-        fn = ALL_ATTENTION_FUNCTIONS[state.previous] if state.previous != "eager" else None
         tensor = mask.tensor(state.previous) if isinstance(mask, ModelMask) else mask
-        if fn is None:
-            from importlib import import_module
-
-            eager = import_module(type(module).__module__).eager_attention_forward
-            return eager(module, query, key, value, tensor, **kwargs)
+        fn = _call_site_eager(module) if state.previous == "eager" else ALL_ATTENTION_FUNCTIONS[state.previous]
         return fn(module, query, key, value, tensor, **kwargs)
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         path = state.paths.get(id(module), type(module).__name__)
+        run_as_before = functools.partial(
+            previous, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+        extra = sorted(k for k, v in kwargs.items() if v is not None and k not in _HARMLESS)
+        if extra:
+            _refuse(state, path, f"the model passes {', '.join(extra)} to its attention (attncc does not apply them)")
+            return run_as_before()
+        if kwargs.get("output_attentions"):
+            _refuse(state, path, "attention weights were requested (output_attentions)")
+            return run_as_before()
         if not isinstance(attention_mask, (ModelMask, type(None))):
             _refuse(state, path, "the model passed a prepared mask tensor, not its mask arguments")
-            return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return run_as_before()
         if dropout and module.training:
             _refuse(state, path, f"attention dropout {dropout} in training")
-            return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-        site = _site(state, module, path, query, key, value, attention_mask, scaling)
+            return run_as_before()
+        site = _site(state, module, path, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
         if site is None:
-            return previous(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+            return run_as_before()
         plan_key, tensor, positions = site
         out, _ = torch.ops.attncc.attention(query, key, value, tensor, positions, None, plan_key, state.executor)
         return out.transpose(1, 2).contiguous(), None
@@ -152,7 +205,7 @@ def _causal_mask_function():
 
 
 @torch.compiler.disable
-def _site(state: _State, module, path: str, query, key, value, mask: ModelMask | None, scaling):
+def _site(state: _State, module, path: str, query, key, value, mask: ModelMask | None, scaling, is_causal=None):
     """``(plan key, mask tensor or None, positions or None)`` for this call, or None when the
     model's attention runs it (no rule, or a refusal that was logged)."""
     b, h, q_len, d = query.shape
@@ -161,7 +214,8 @@ def _site(state: _State, module, path: str, query, key, value, mask: ModelMask |
     q_offset = _int(kw["q_offset"]) if "q_offset" in kw else kv_len - q_len
     kv_offset = _int(kw.get("kv_offset", 0))
     if mask is None:
-        causal = bool(getattr(module, "is_causal", True))
+        # as transformers' sdpa attention: the call's is_causal, else the module's
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     else:
         causal = kw.get("mask_function") is _causal_mask_function()
     # a plain causal mask is structure; anything else is the model's own mask tensor
@@ -249,7 +303,15 @@ class _ModuleState:
     strict: bool
     handles: list = field(default_factory=list)
     plans: dict[tuple, str | None] = field(default_factory=dict)
-    modes: list = field(default_factory=list)
+    #: per thread, the interceptors of the attention modules running now (torch-function modes
+    #: are per thread too)
+    local: threading.local = field(default_factory=threading.local)
+
+    @property
+    def modes(self) -> list:
+        if not hasattr(self.local, "modes"):
+            self.local.modes = []
+        return self.local.modes
 
 
 def _sdpa_site(

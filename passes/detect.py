@@ -902,6 +902,8 @@ class _Detector:
         if k == "cast":
             return args[0] if isinstance(args[0], fx.Node) else None
         if k in ("mul", "div"):
+            if k == "div" and (cur.kwargs.get("rounding_mode") is not None or len(args) > 2):
+                return None  # a rounding division is not a scale
             a, b = args[0], args[1] if len(args) > 1 else cur.kwargs.get("other")
             for chain_side, other in ((a, b), (b, a)):
                 if isinstance(chain_side, fx.Node) and self._reaches_product(chain_side):

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import fx
 
-from attncc.passes.graph import arg, commit, val
+from attncc.passes.graph import arg, commit, maybe_tensor, val
 from attncc.passes.spelling import kind
 
 
@@ -42,8 +42,24 @@ _INPLACE_FUNCTIONS = {
 #: in-place methods -> their out-of-place names
 _INPLACE_METHODS = {"div_": "div", "mul_": "mul", "add_": "add", "sub_": "sub", "masked_fill_": "masked_fill"}
 #: operations whose result is a fresh tensor (never a view or the input itself): mutating it in
-#: place cannot reach any other tensor
-_FRESH = {"matmul", "einsum", "mul", "div", "add", "masked_fill", "softmax", "where"}
+#: place cannot reach any other tensor (einsum is not: it may return a view of its operand)
+_FRESH = {"matmul", "mul", "div", "add", "masked_fill", "softmax", "where"}
+
+
+def _same_dtype(node: fx.Node, base: fx.Node) -> bool:
+    """The in-place op computes in ``base``'s dtype; its out-of-place twin computes the same only
+    when no operand promotes it (a tensor of another dtype would: fp16 scores += fp32 mask)."""
+    b = maybe_tensor(base)
+    if b is None or not b.dtype.is_floating_point:
+        return False
+    for a in [*node.args[1:], *node.kwargs.values()]:
+        if isinstance(a, fx.Node):
+            t = maybe_tensor(a)
+            if t is None or (t.dtype != b.dtype and t.dtype != torch.bool):
+                return False
+        elif not isinstance(a, (int, float, bool)):
+            return False
+    return True
 
 
 def _out_of_place(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]) -> bool:
@@ -61,6 +77,10 @@ def _out_of_place(gm: fx.GraphModule, node: fx.Node, order: dict[fx.Node, int]) 
     base = node.args[0] if node.args else None
     if not isinstance(base, fx.Node) or base.op not in ("call_function", "call_method") or kind(base) not in _FRESH:
         return False
+    if node.kwargs or not _same_dtype(node, base):
+        return False  # rounding modes, alpha=, dtype promotion: not the plain arithmetic read here
+    if any(u is not node and order[u] < order[node] for u in base.users):
+        return False  # read (perhaps viewed, sharing the mutated storage) before the mutation
     later = [u for u in base.users if u is not node and order[u] > order[node]]
     with gm.graph.inserting_before(node):
         new = (gm.graph.call_function if op == "call_function" else gm.graph.call_method)(
@@ -91,6 +111,11 @@ def _baddbmm(gm: fx.GraphModule, node: fx.Node) -> bool:
     if set(node.kwargs) - {"beta", "alpha", *names} or not all(isinstance(x, (int, float)) for x in (beta, alpha)):
         return False
     if not all(isinstance(x, fx.Node) for x in (inp, b1, b2)):
+        return False
+    ts = [maybe_tensor(x) for x in (inp, b1, b2)]
+    # fp32/fp64 only: in fp16/bf16 baddbmm scales and adds in its accumulator, the decomposition
+    # would round the product first and change the model's scores where the site is not rewritten
+    if any(t is None or t.dtype not in (torch.float32, torch.float64) for t in ts):
         return False
     g = gm.graph
     with g.inserting_before(node):

@@ -50,6 +50,12 @@ CASES: dict[str, Callable[[int], object]] = {
     "power": lambda n: {"power": 4},
     "random_blocks": lambda n: {"random_blocks": {"n": 2, "seed": 3, "block": 16}},
     "tile3d": lambda n: {"tile3d": {"grid": grid(n), "window": [0, 1, 1]}},
+    "tile3d/text_start": lambda n: {
+        "tile3d": {"grid": grid(n - n // 5), "window": [0, 1, 1], "text": {"tokens": n // 5, "at": "start"}}
+    },
+    "tile3d/text_end": lambda n: {
+        "tile3d": {"grid": grid(n - n // 7), "window": [1, 0, 1], "text": {"tokens": n // 7, "at": "end"}}
+    },
     "neighborhood": lambda n: {
         "neighborhood": {"grid": grid(n), "kernel": [odd_at_most(g, k) for g, k in zip(grid(n), (1, 3, 5))]}
     },

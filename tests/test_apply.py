@@ -251,3 +251,127 @@ def test_flux_rule_for_one_block_type_only():
         attncc.apply(model, spec=spec)
         got = model(**inputs).sample
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+class ExplicitTextVideo(torch.overrides.TorchFunctionMode):
+    """The reference for a joint [text, video] sequence: text tokens attend to and are attended by
+    every token; video tokens under a tile3d window on the row-major T x H x W grid (docs/spec.md)."""
+
+    def __init__(self, text, grid, window):
+        super().__init__()
+        self.text, self.grid, self.window = text, grid, window
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            n = (args[0] if args else kwargs["query"]).shape[-2]
+            p = torch.arange(n)
+            v = (p - self.text).clamp(min=0)
+            _, gh, gw = self.grid
+            coords = (v // (gh * gw), (v // gw) % gh, v % gw)
+            allowed = (p[:, None] < self.text) | (p[None, :] < self.text)
+            inside = torch.ones(n, n, dtype=torch.bool)
+            for c, w in zip(coords, self.window):
+                inside &= (c[:, None] - c[None, :]).abs() <= w
+            return func(*args, **{**kwargs, "attn_mask": allowed | inside})
+        return func(*args, **kwargs)
+
+
+def test_cogvideox_text_plus_tile3d_equals_explicit_masks():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=8,
+        text_embed_dim=16,
+        num_layers=1,
+        sample_width=8,
+        sample_height=8,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=8,
+    ).eval()
+    g = torch.Generator().manual_seed(3)
+    inputs = dict(
+        hidden_states=torch.randn(1, 3, 4, 8, 8, generator=g),
+        encoder_hidden_states=torch.randn(1, 8, 16, generator=g),
+        timestep=torch.tensor([5]),
+    )
+    # 8 text tokens, then 3 latent frames of 4 x 4 patches
+    mask = {"tile3d": {"grid": [3, 4, 4], "window": [0, 1, 1], "text": {"tokens": 8, "at": "start"}}}
+    spec = {"attncc": 1, "block_size": 16, "rules": [{"mask": mask}]}
+    with torch.no_grad():
+        with ExplicitTextVideo(8, (3, 4, 4), (0, 1, 1)):
+            want = model(**inputs).sample
+        attncc.apply(model, spec=spec, strict=True)
+        got = model(**inputs).sample
+        attncc.apply(model, spec=None)
+        plain = model(**inputs).sample
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert float((got - plain).abs().max()) > 1e-3
+    # fewer blocks visited than the dense 4 x 4 block grid
+    plan = attncc.plan_for(attncc.load_spec(spec), attncc.SiteShape(num_heads=2, q_len=56, head_dim=16))
+    assert 0 < int(plan.block_table().visited().sum()) < 16
+
+
+# -- what attncc.apply must not take: the model's own attention runs, exactly -----------------------
+
+FULL = {"attncc": 1, "block_size": 16, "rules": [{"mask": "full"}]}
+
+
+def test_soft_capped_gemma2_eager_runs_its_own_attention():
+    cfg = transformers.Gemma2Config(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        head_dim=16,
+        sliding_window=24,
+        attn_logit_softcapping=2.0,
+        query_pre_attn_scalar=16,
+    )
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)  # scores well beyond the cap
+    ids, _ = _prompt()
+    with torch.no_grad():
+        want = model(ids).logits
+        attncc.apply(model, spec=FULL)
+        got = model(ids).logits
+    assert torch.equal(got, want)  # softcap is passed to the attention: attncc leaves those calls
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_relative_bias_t5_runs_its_own_attention(impl):
+    cfg = transformers.T5Config(
+        vocab_size=64, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4, decoder_start_token_id=0
+    )
+    cfg._attn_implementation = impl
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    ids, dec = torch.randint(1, 64, (1, 24)), torch.randint(1, 64, (1, 10))
+    with torch.no_grad():
+        want = model(input_ids=ids, decoder_input_ids=dec).logits
+        attncc.apply(model, spec=FULL)
+        got = model(input_ids=ids, decoder_input_ids=dec).logits
+    assert torch.equal(got, want)
+
+
+def test_requested_attention_weights_come_from_the_model():
+    model = build("llama", "eager")
+    ids, _ = _prompt(n=20)
+    with torch.no_grad():
+        want = model(ids, output_attentions=True).attentions
+        attncc.apply(model, spec=spec_of("streaming"))
+        got = model(ids, output_attentions=True).attentions
+    assert len(got) == len(want) == 2 and all(torch.equal(a, b) for a, b in zip(got, want))

@@ -42,6 +42,9 @@ EXPLAIN = {
     "block_diffusion": (64, 2, 1, {0: "block-causal"}),
     "video_tile": (1024, 1, 1, {0: "neighbourhood-3d"}),
     "sinklora": (4096, 8, 1, {0: "rules[0]"}),
+    "cogvideox": (976, 2, 1, {0: "text-video"}),
+    "hunyuan_video": (1056, 2, 1, {0: "video-text"}),
+    "flux_text_image": (1536, 2, 1, {0: "text-image"}),
 }
 
 

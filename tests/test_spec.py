@@ -75,6 +75,10 @@ def test_ready_spec_loads_resolves_and_matches_the_json_schema(path):
     jsonschema.validate(yaml.safe_load(path.read_text()), json_schema())
     grid = spec.permutation(0)
     n = 64 if grid is None else grid.size
+    tile = yaml.safe_load(path.read_text())["rules"][0].get("mask", {})
+    if isinstance(tile, dict) and "text" in tile.get("tile3d", {}):  # a joint text + video layout
+        t = tile["tile3d"]
+        n = t["grid"][0] * t["grid"][1] * t["grid"][2] + t["text"]["tokens"]
     for layer in range(24):
         policy = resolve(spec, layer, "model.layers.0.self_attn", 8)
         assert policy is not None and len(policy.head_to_program) == 8

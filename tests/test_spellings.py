@@ -150,3 +150,59 @@ def test_falcon_eager(alibi):
     else:
         # its `scores /= sqrt(d)` is read as a division now: both layers rewritten
         assert attncc.counters["rewritten"] == 2 and attncc.counters["skipped"] == 0
+
+
+class Hazards(torch.nn.Module):
+    """In-place spellings that must stay as written: a view taken before the mutation, a dtype
+    promotion, an einsum (may be a view), a rounding division."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v, m):
+        s = q @ k.transpose(-1, -2)
+        if self.how == "view_before":
+            t = s.view(s.shape)
+            s /= 2.0
+            return t.softmax(-1) @ v
+        if self.how == "promote":
+            s += m  # fp16 scores, fp32 bias: stays fp16 in place
+            return s.softmax(-1) @ v
+        if self.how == "einsum_view":
+            s2 = torch.einsum("bhqk->bhqk", s)
+            s2.mul_(0.25)
+            return s.softmax(-1) @ v
+        if self.how == "div_floor":
+            s.div_(3.0, rounding_mode="floor")
+            return s.softmax(-1) @ v
+        raise AssertionError(self.how)
+
+
+@pytest.mark.parametrize("how", ["view_before", "promote", "einsum_view", "div_floor"])
+def test_in_place_hazards_stay_exact(how):
+    g = torch.Generator().manual_seed(0)
+    dt = torch.float16 if how == "promote" else torch.float32
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g).to(dt) for _ in range(3))
+    m = torch.randn(32, 32, generator=g)  # fp32
+    want = Hazards(how)(q.clone(), k, v, m)
+    opts = {"spec": FULL, "inner": "eager"}
+    got = torch.compile(Hazards(how), backend="attncc", options=opts)(q.clone(), k, v, m)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert attncc.counters["rewritten"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_baddbmm_is_left_as_written(dtype):
+    class Bias(torch.nn.Module):
+        def forward(self, q, k, v, bias):
+            s = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=0.25)
+            return torch.bmm(s.softmax(-1), v)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, bias = (torch.randn(4, 32, 16 if i < 3 else 32, generator=g).to(dtype) for i in range(4))
+    bias = torch.randn(4, 32, 32, generator=g).to(dtype)
+    want = Bias()(q, k, v, bias)
+    got = torch.compile(Bias(), backend="attncc", options={"spec": FULL, "inner": "eager"})(q, k, v, bias)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
