@@ -45,6 +45,7 @@ EXPLAIN = {
     "cogvideox": (976, 2, 1, {0: "text-video"}),
     "hunyuan_video": (1056, 2, 1, {0: "video-text"}),
     "flux_text_image": (1536, 2, 1, {0: "text-image"}),
+    "radial_video": (2048, 1, 1, {0: "radial"}),
 }
 
 
