@@ -248,3 +248,24 @@ def test_prepared_launches_are_reused_and_recordings_are_not():
     L.attention_fwd(plan, q, k, v, target="cuda", arch=90, cache=recording)
     L.attention_fwd(plan, q, k, v, target="cuda", arch=90, cache=recording)
     assert len(recording.launches) == 2 and len(L._prepared) == n
+
+
+@pytest.mark.parametrize("kv_len", [80, 96, 144])
+@pytest.mark.parametrize("case", ["full", "causal"])
+def test_sub_tiles_past_the_last_key_are_never_read(case, kv_len):
+    """A table at 64-token blocks walked in 16- and 32-key sub-tiles, kv_len a multiple of the
+    tile but not of the block: memory past the last key (K = 5, V = 100 here) must not count."""
+    mask = parse_mask(case, {})
+    plan = plan_of(mask, q_len=kv_len, kv_len=kv_len, heads=2, kv_heads=2, block=64)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, kv_len, 32, generator=g)
+    kb, vb = torch.randn(1, 2, 256, 32, generator=g), torch.randn(1, 2, 256, 32, generator=g)
+    kb[:, :, kv_len:], vb[:, :, kv_len:] = 5.0, 100.0
+    k, v = kb[:, :, :kv_len], vb[:, :, :kv_len]
+    allowed = torch.ones(2, kv_len, kv_len, dtype=torch.bool)
+    if case == "causal":
+        allowed = allowed.tril()
+    ref, _ = dense_reference(q, k, v, allowed, plan.scale)
+    for cfg in (C.TileConfig(16, 16, 4, 2), C.TileConfig(64, 32, 8, 2)):
+        out, _ = attention_fwd(plan, q, k, v, target="interpret", config=cfg, block_table=plan.block_table())
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0, msg=cfg.text())

@@ -75,7 +75,9 @@ def kernel_constexprs(
         "HAS_MASK_TENSOR": plan.mask_kind is not None,
         "MASK_ADDITIVE": plan.mask_kind == "additive",
         "EVEN_Q": plan.q_len % tiles.block_m == 0,
-        "EVEN_KV": plan.kv_len % tiles.block_n == 0,
+        # sub-tiles of the last kv block of a table given at coarser blocks can lie past KV_LEN
+        # even where it is a multiple of the tile: "even" means a multiple of the table's block
+        "EVEN_KV": plan.kv_len % (tiles.block_n * kv_mult) == 0,
         "EVEN_D": plan.head_dim == max(16, next_pow2(plan.head_dim)),
         "EVEN_DV": plan.head_dim_v == max(16, next_pow2(plan.head_dim_v)),
         "HAS_ROW_ORDER": row_order,
