@@ -198,6 +198,56 @@ def _mask_function(**kwargs) -> ModelMask:
     return ModelMask(snap)
 
 
+def _bound_plan(
+    state,
+    site_key: tuple,
+    path: str,
+    layer: int,
+    query,
+    key,
+    value,
+    scale,
+    model_mask,
+    mask_kind,
+    q_offset: int,
+    q_positions,
+) -> str | None:
+    """The registered plan key the spec binds this site to, cached per ``site_key`` in
+    ``state.plans``; None when no rule matches or the rule cannot bind here (logged; raised under
+    ``strict``)."""
+    if site_key not in state.plans:
+        b, h, q_len, d = query.shape
+        shape = SiteShape(
+            num_heads=h,
+            q_len=q_len,
+            kv_len=key.shape[2],
+            layer=layer,
+            module=path,
+            num_kv_heads=key.shape[1],
+            head_dim=d,
+            head_dim_v=value.shape[-1],
+            dtype=dtype_name(query.dtype),
+            scale=scale if scale is not None else d**-0.5,
+            model_mask=model_mask,
+            mask_kind=mask_kind,
+            q_offset=q_offset,
+            q_positions=q_positions,
+        )
+        try:
+            plan = plan_for(state.spec, shape)
+        except SpecError as e:
+            if state.strict:
+                raise
+            log.info("attncc.apply: %s runs the model's attention: the spec cannot bind it: %s", path, e)
+            plan = None
+        if plan is None:
+            log.debug("attncc.apply: %s matches no rule: it runs as the model wrote it", path)
+        if len(state.plans) > 4096:
+            state.plans.clear()
+        state.plans[site_key] = None if plan is None else registry.register_plan(plan)
+    return state.plans[site_key]
+
+
 def _causal_mask_function():
     from transformers.masking_utils import causal_mask_function
 
@@ -233,36 +283,9 @@ def _site(state: _State, module, path: str, query, key, value, mask: ModelMask |
     layer = int(layer) if layer is not None else (layer_of(path) or 0)
     dims = (b, h, key.shape[1], q_len, kv_len, d, value.shape[-1], str(query.dtype), scaling)
     site_key = (path, layer, *dims, structural, causal, where)
-    if site_key not in state.plans:
-        shape = SiteShape(
-            num_heads=h,
-            q_len=q_len,
-            kv_len=kv_len,
-            layer=layer,
-            module=path,
-            num_kv_heads=key.shape[1],
-            head_dim=d,
-            head_dim_v=value.shape[-1],
-            dtype=dtype_name(query.dtype),
-            scale=scaling if scaling is not None else d**-0.5,
-            model_mask=M.Causal() if structural and causal else M.Full(),
-            mask_kind=None if structural else "bool",
-            q_offset=q_offset,
-            q_positions=where,
-        )
-        try:
-            plan = plan_for(state.spec, shape)
-        except SpecError as e:
-            if state.strict:
-                raise
-            log.info("attncc.apply: %s runs the model's attention: the spec cannot bind it: %s", path, e)
-            plan = None
-        if plan is None:
-            log.debug("attncc.apply: %s matches no rule: it runs as the model wrote it", path)
-        if len(state.plans) > 4096:
-            state.plans.clear()
-        state.plans[site_key] = None if plan is None else registry.register_plan(plan)
-    plan_key = state.plans[site_key]
+    model_mask = M.Causal() if structural and causal else M.Full()
+    kind: Literal["bool"] | None = None if structural else "bool"
+    plan_key = _bound_plan(state, site_key, path, layer, query, key, value, scaling, model_mask, kind, q_offset, where)
     if plan_key is None:
         return None
     positions = torch.arange(q_offset, q_offset + q_len) if where == "given" else None
@@ -355,33 +378,9 @@ def _module_plan(state: _ModuleState, module, path, query, key, value, attn_mask
         kind = "bool" if attn_mask.dtype == torch.bool else "additive"
     where: Literal["start", "unknown"] = "start" if (q_len == kv_len or is_causal) else "unknown"
     site_key = (path, b, h, key.shape[1], q_len, kv_len, d, value.shape[-1], str(query.dtype), scale, kind, is_causal)
-    if site_key not in state.plans:
-        shape = SiteShape(
-            num_heads=h,
-            q_len=q_len,
-            kv_len=kv_len,
-            layer=layer,
-            module=path,
-            num_kv_heads=key.shape[1],
-            head_dim=d,
-            head_dim_v=value.shape[-1],
-            dtype=dtype_name(query.dtype),
-            scale=scale if scale is not None else d**-0.5,
-            model_mask=M.Causal() if is_causal else M.Full(),
-            mask_kind=kind,
-            q_positions=where,
-        )
-        try:
-            plan = plan_for(state.spec, shape)
-        except SpecError as e:
-            if state.strict:
-                raise
-            log.info("attncc.apply: %s runs the model's attention: the spec cannot bind it: %s", path, e)
-            plan = None
-        if len(state.plans) > 4096:
-            state.plans.clear()
-        state.plans[site_key] = None if plan is None else registry.register_plan(plan)
-    return state.plans[site_key]
+    return _bound_plan(
+        state, site_key, path, layer, query, key, value, scale, M.Causal() if is_causal else M.Full(), kind, 0, where
+    )
 
 
 def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
