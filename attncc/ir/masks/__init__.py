@@ -31,7 +31,7 @@ from attncc.ir.masks.block_causal import BlockCausal
 from attncc.ir.masks.strided import Strided
 from attncc.ir.masks.power import Power
 from attncc.ir.masks.random_blocks import RandomBlocks, random_block_hash
-from attncc.ir.masks.tile3d import Tile3D
+from attncc.ir.masks.tile3d import TextTile3D, Tile3D
 from attncc.ir.masks.neighborhood import Neighborhood
 from attncc.ir.masks.combinators import EMPTY, All, Any_, Not, conj
 from attncc.ir.masks.selector import Selector
@@ -59,6 +59,7 @@ __all__ = [
     "Power",
     "RandomBlocks",
     "random_block_hash",
+    "TextTile3D",
     "Tile3D",
     "Neighborhood",
     "All",
