@@ -21,34 +21,36 @@ def python_block(doc: str, section: str) -> str:
     return m.group(1)
 
 
-def test_generate_example_in_usage(tmp_path):
-    pytest.importorskip("transformers")
-    script = tmp_path / "generate_example.py"
-    script.write_text(python_block("usage.md", "Generate over a KV cache"))
+def run_example(tmp_path, section: str) -> str:
+    """Run the first python block under ``section`` of docs/usage.md as pasted; its stdout."""
+    script = tmp_path / "example.py"
+    script.write_text(python_block("usage.md", section))
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "same tokens: True" in run.stdout
-    err = float(re.search(r"max \|logits - reference\|: (\S+)", run.stdout).group(1))
-    assert err <= 1e-4
-    assert "'unsupported': 0" in run.stdout and "'skipped': 0" in run.stdout
+    return run.stdout
+
+
+def printed(out: str, label: str) -> float:
+    """The number an example prints after ``label``."""
+    return float(re.search(re.escape(label) + r": (\S+)", out).group(1))
+
+
+def test_generate_example_in_usage(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example(tmp_path, "Generate over a KV cache")
+    assert "same tokens: True" in out
+    assert printed(out, "max |logits - reference|") <= 1e-4
+    assert "'unsupported': 0" in out and "'skipped': 0" in out
 
 
 def test_apply_example_in_usage(tmp_path):
     pytest.importorskip("transformers")
-    script = tmp_path / "apply_example.py"
-    script.write_text(python_block("usage.md", "Without torch.compile: attncc.apply"))
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "same tokens: True" in run.stdout
-    err = float(re.search(r"max \|logits - reference\|: (\S+)", run.stdout).group(1))
-    assert err <= 1e-4
+    out = run_example(tmp_path, "Without torch.compile: attncc.apply")
+    assert "same tokens: True" in out
+    assert printed(out, "max |logits - reference|") <= 1e-4
 
 
 def test_apply_diffusers_example_in_usage(tmp_path):
     pytest.importorskip("diffusers")
-    script = tmp_path / "apply_diffusers_example.py"
-    script.write_text(python_block("usage.md", "attncc.apply on a diffusers model"))
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    err = float(re.search(r"max \|out - reference\|: (\S+)", run.stdout).group(1))
-    assert err <= 1e-5
+    out = run_example(tmp_path, "attncc.apply on a diffusers model")
+    assert printed(out, "max |out - reference|") <= 1e-5
