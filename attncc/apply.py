@@ -46,6 +46,7 @@ import torch
 from attncc.backend import setup_logging
 from attncc.ir import masks as M
 from attncc.ir.dtypes import dtype_name
+from attncc.ir.score_mod import ScoreMod
 from attncc.passes.detect import layer_of
 from attncc.runtime import registry
 from attncc.spec import SiteShape, Spec, SpecError, load_spec, plan_for
@@ -165,7 +166,9 @@ def _attention_function(state: _State):
         run_as_before = functools.partial(
             previous, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
         )
-        extra = sorted(k for k, v in kwargs.items() if v is not None and k not in _HARMLESS)
+        # soft-capping is compiled into the kernels; other extras change what attncc would compute
+        softcap = kwargs.get("softcap")
+        extra = sorted(k for k, v in kwargs.items() if v is not None and k not in _HARMLESS and k != "softcap")
         if extra:
             _refuse(state, path, f"the model passes {', '.join(extra)} to its attention (attncc does not apply them)")
             return run_as_before()
@@ -178,7 +181,11 @@ def _attention_function(state: _State):
         if dropout and module.training:
             _refuse(state, path, f"attention dropout {dropout} in training")
             return run_as_before()
-        site = _site(state, module, path, query, key, value, attention_mask, scaling, kwargs.get("is_causal"))
+        if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+            _refuse(state, path, f"softcap {softcap!r} is not a positive number")
+            return run_as_before()
+        mod = None if softcap is None else ScoreMod(softcap=float(softcap))
+        site = _site(state, module, path, query, key, value, attention_mask, scaling, kwargs.get("is_causal"), mod)
         if site is None:
             return run_as_before()
         plan_key, tensor, positions = site
@@ -211,6 +218,7 @@ def _bound_plan(
     mask_kind,
     q_offset: int,
     q_positions,
+    score_mod: ScoreMod | None = None,
 ) -> str | None:
     """The registered plan key the spec binds this site to, cached per ``site_key`` in
     ``state.plans``; None when no rule matches or the rule cannot bind here (logged; raised under
@@ -232,6 +240,7 @@ def _bound_plan(
             mask_kind=mask_kind,
             q_offset=q_offset,
             q_positions=q_positions,
+            score_mod=score_mod,
         )
         try:
             plan = plan_for(state.spec, shape)
@@ -255,7 +264,18 @@ def _causal_mask_function():
 
 
 @torch.compiler.disable
-def _site(state: _State, module, path: str, query, key, value, mask: ModelMask | None, scaling, is_causal=None):
+def _site(
+    state: _State,
+    module,
+    path: str,
+    query,
+    key,
+    value,
+    mask: ModelMask | None,
+    scaling,
+    is_causal=None,
+    score_mod: ScoreMod | None = None,
+):
     """``(plan key, mask tensor or None, positions or None)`` for this call, or None when the
     model's attention runs it (no rule, or a refusal that was logged)."""
     b, h, q_len, d = query.shape
@@ -281,11 +301,13 @@ def _site(state: _State, module, path: str, query, key, value, mask: ModelMask |
     where: Literal["end", "given"] = "end" if q_offset == kv_len - q_len else "given"
     layer = getattr(module, "layer_idx", None)
     layer = int(layer) if layer is not None else (layer_of(path) or 0)
-    dims = (b, h, key.shape[1], q_len, kv_len, d, value.shape[-1], str(query.dtype), scaling)
+    dims = (b, h, key.shape[1], q_len, kv_len, d, value.shape[-1], str(query.dtype), scaling, score_mod)
     site_key = (path, layer, *dims, structural, causal, where)
     model_mask = M.Causal() if structural and causal else M.Full()
     kind: Literal["bool"] | None = None if structural else "bool"
-    plan_key = _bound_plan(state, site_key, path, layer, query, key, value, scaling, model_mask, kind, q_offset, where)
+    plan_key = _bound_plan(
+        state, site_key, path, layer, query, key, value, scaling, model_mask, kind, q_offset, where, score_mod
+    )
     if plan_key is None:
         return None
     positions = torch.arange(q_offset, q_offset + q_len) if where == "given" else None

@@ -8,7 +8,8 @@ custom ops call (forward, backward, block selection, attention under a selection
 | ``torch`` | CPU | the block-sparse CPU path over ATen's fused attention kernel |
 | ``reference`` | any | the exact dense attention from the plan (the oracle) |
 
-``auto`` picks by device (:data:`AUTO`). An executor with a kernel ``target`` also selects blocks
+Plans with soft-capped or ALiBi scores run the exact dense attention on ``torch`` (ATen's kernel
+takes neither). ``auto`` picks by device (:data:`AUTO`). An executor with a kernel ``target`` also selects blocks
 with the Triton estimator and attends under a selection with the kernels over run-time block
 tables; the others select with the torch reference and attend under a selection densely.
 """
@@ -76,6 +77,17 @@ def _kernels(name: str, device: str, target: str, description: str) -> Executor:
     return Executor(name, device, target, fwd, bwd, description, functools.partial(decode_fwd, target=target))
 
 
+def _dense_score_mods(fast: Callable, dense: Callable) -> Callable:
+    """``fast`` (the CPU path over ATen's fused attention, which takes no score modification), or
+    ``dense`` (the exact attention) for plans with soft-capping or ALiBi."""
+
+    @functools.wraps(fast)
+    def run(plan: AttentionPlan, *args):
+        return (dense if plan.score_mod is not None else fast)(plan, *args)
+
+    return run
+
+
 EXECUTORS: dict[str, Executor] = {
     e.name: e
     for e in (
@@ -85,10 +97,10 @@ EXECUTORS: dict[str, Executor] = {
             "torch",
             "cpu",
             None,
-            functools.partial(with_nonfinite_keys, attention_torch_forward),
-            attention_torch_backward,
-            "the block-sparse CPU path over ATen's fused attention",
-            decode_torch_forward,
+            _dense_score_mods(functools.partial(with_nonfinite_keys, attention_torch_forward), attention_reference),
+            _dense_score_mods(attention_torch_backward, _reference_backward),
+            "the block-sparse CPU path over ATen's fused attention (dense for soft-capped or ALiBi scores)",
+            _dense_score_mods(decode_torch_forward, attention_reference),
         ),
         Executor("reference", None, None, attention_reference, _reference_backward, "the exact dense attention"),
     )

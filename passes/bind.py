@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from attncc.ir.dtypes import DTYPES, dtype_name
 from attncc.ir.plan import AttentionPlan
+from attncc.ir.score_mod import ScoreMod
 from attncc.passes.detect import AttentionSite
 from attncc.spec import SiteShape, Spec, SpecError, plan_for
 from attncc.spec.resolve import PositionError
@@ -57,6 +58,7 @@ def site_shape(site: AttentionSite) -> SiteShape:
         q_positions=site.positions.kind,
         q_offset=site.q_offset,
         heads_known=site.heads_known,
+        score_mod=None if site.softcap is None else ScoreMod(softcap=site.softcap),
     )
 
 

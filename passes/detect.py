@@ -102,6 +102,8 @@ class AttentionSite:
     is_causal: bool = False
     #: the scale when the model reads it at run time (``scale`` is then a nominal value)
     runtime_scale: RuntimeScale | None = None
+    #: the cap of a soft-capping ``cap * tanh(scale * q.k / cap)`` before the mask (None: none)
+    softcap: float | None = None
     #: where the queries sit among the keys (set by detection, see passes/positions.py), and the
     #: first query's position when the model's own mask fixes it
     positions: QueryPositions = QueryPositions("start", "")
@@ -190,7 +192,9 @@ class AttentionSite:
         return (
             f"{self.module or '<top>'} (layer {self.layer}): {self.source} q {self.layout} heads {self.num_heads} "
             f"kv {self.num_kv_heads} q_len {self.q_len} kv_len {self.kv_len} head_dim {self.head_dim} "
-            f"{str(self.dtype).replace('torch.', '')} scale {self.scale:.6g} gqa {self.gqa} model mask {mask} "
+            f"{str(self.dtype).replace('torch.', '')} scale {self.scale:.6g}"
+            + (f" softcap {self.softcap:g}" if self.softcap is not None else "")
+            + f" gqa {self.gqa} model mask {mask} "
             f"nodes {','.join(self.node_names)}"
         )
 
@@ -750,7 +754,7 @@ class _Detector:
                 f"intermediate {n.name} of the attention is also used by {u.name}; rewriting would "
                 f"change what {u.name} sees"
             )
-        scale, runtime_scale, terms = self._scale_and_terms(ops, qk)
+        scale, runtime_scale, terms, softcap = self._scale_and_terms(ops, qk)
         if runtime_scale is not None:
             scale = runtime_scale.factor / math.sqrt(self._head_dim(qo))
         gqa = "none"
@@ -772,6 +776,7 @@ class _Detector:
             scale=scale,
             runtime_scale=runtime_scale,
             terms=terms,
+            softcap=softcap,
             nodes=[qk] + chain[::-1] + [sm] + post + [pv],
             gqa=gqa,
         )
@@ -799,7 +804,7 @@ class _Detector:
                 op = getattr(cur.target, "__name__", str(cur.target)) if isinstance(cur, fx.Node) else repr(cur)
                 near = [cur, *cur.all_input_nodes] if isinstance(cur, fx.Node) else []
                 capped = any("tanh" in str(getattr(n.target, "__name__", n.target)) for n in near)
-                why = " (score soft-capping, tanh(s / c) * c, is not compiled yet)" if capped else ""
+                why = " (score soft-capping is read only as tanh(s / c) * c, c a constant)" if capped else ""
                 raise NotASite(
                     f"softmax input is not a QK product (stopped at {getattr(cur, 'name', cur)}: {op}){why}",
                     attention_like=False,
@@ -863,14 +868,30 @@ class _Detector:
             raise NotASite(f"{pv.name} is not a P @ V product over the key axis (labels {lp},{lv}->{lpo})")
         return look_through(vnode, vroles), oroles
 
-    def _scale_and_terms(self, ops: list[tuple], qk: fx.Node) -> tuple[float, RuntimeScale | None, list[MaskTerm]]:
-        """The product of the score scales (constant, and at most one read at run time), and the
-        mask terms in score units (a term added before a scale is scaled with the scores)."""
+    def _scale_and_terms(
+        self, ops: list[tuple], qk: fx.Node
+    ) -> tuple[float, RuntimeScale | None, list[MaskTerm], float | None]:
+        """The product of the score scales (constant, and at most one read at run time), the mask
+        terms in score units (a term added before a scale is scaled with the scores) and the
+        soft-capping: ``post * tanh(pre * qk)`` is ``cap * tanh(scale * qk / cap)`` with
+        ``cap = post`` and ``scale = pre * post`` (None: no tanh)."""
         scale = 1.0
         runtime: RuntimeScale | None = None
         terms: list[MaskTerm] = []
+        pre: float | None = None
         for op in reversed(ops):
-            if op[0] == "scale":
+            if op[0] == "tanh":
+                if pre is not None:
+                    raise NotASite("the scores pass through tanh twice; only one soft-capping is read")
+                if runtime is not None or terms:
+                    raise NotASite(
+                        "tanh of scores that carry a mask or a run-time scale: soft-capping is read only "
+                        "as cap * tanh(scale * q.k / cap) with constants, before the mask"
+                    )
+                if scale <= 0:
+                    raise NotASite(f"tanh of scores scaled by {scale:g}: a soft-capping needs a positive scale")
+                pre, scale = scale, 1.0
+            elif op[0] == "scale":
                 scale *= op[1]
                 for t in terms:
                     t.factor *= op[1]
@@ -890,17 +911,30 @@ class _Detector:
                 if getattr(val(t.node), "requires_grad", False):
                     raise NotASite(f"mask {t.node.name} requires grad; attncc treats masks as constants")
                 terms.append(t)
+        softcap: float | None = None
+        if pre is not None:
+            if runtime is not None:
+                raise NotASite("a run-time scale after a soft-capping is not read")
+            if scale <= 0:
+                raise NotASite(f"tanh(s) times {scale:g}: a soft-capping multiplies by a positive cap")
+            softcap, scale = scale, pre * scale
         if runtime is not None:
             runtime = runtime.times(scale)
         elif scale <= 0:
             raise NotASite(f"scale {scale} is not positive")
-        return scale, runtime, terms
+        return scale, runtime, terms, softcap
 
     def _score_step(self, cur: fx.Node, k: str | None, ops: list[tuple]) -> fx.Node | None:
         """One step from the scores towards QK: records scale/mask ops, returns the next node."""
         args = cur.args
         if k == "cast":
             return args[0] if isinstance(args[0], fx.Node) else None
+        if k == "tanh":
+            # soft-capping: cap * tanh(s / cap), read with the scales around it
+            if len(args) != 1 or cur.kwargs or not isinstance(args[0], fx.Node):
+                return None
+            ops.append(("tanh",))
+            return args[0]
         if k in ("mul", "div"):
             if k == "div" and (cur.kwargs.get("rounding_mode") is not None or len(args) > 2):
                 return None  # a rounding division is not a scale
@@ -973,12 +1007,12 @@ class _Detector:
             k = kind(cur)
             if k in ("matmul", "einsum"):
                 return True
-            if k not in ("cast", "mul", "div", "add", "masked_fill", "where"):
+            if k not in ("cast", "mul", "div", "add", "masked_fill", "where", "tanh"):
                 return False
             nxt = (
                 [
                     a
-                    for a in (cur.args[:1] if k in ("cast", "masked_fill") else cur.args)
+                    for a in (cur.args[:1] if k in ("cast", "masked_fill", "tanh") else cur.args)
                     if isinstance(a, fx.Node) and self._reaches_product(a, depth - 1)
                 ]
                 if depth > 1

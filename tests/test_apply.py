@@ -14,6 +14,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noq
 
 import attncc  # noqa: E402
 from attncc.apply import ApplyError  # noqa: E402
+from attncc.codegen.executors import observing  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("fresh_compiler")
 
@@ -323,7 +324,7 @@ def test_cogvideox_text_plus_tile3d_equals_explicit_masks():
 FULL = {"attncc": 1, "block_size": 16, "rules": [{"mask": "full"}]}
 
 
-def test_soft_capped_gemma2_eager_runs_its_own_attention():
+def test_soft_capped_gemma2_runs_attncc_with_the_cap():
     cfg = transformers.Gemma2Config(
         vocab_size=64,
         hidden_size=64,
@@ -344,11 +345,16 @@ def test_soft_capped_gemma2_eager_runs_its_own_attention():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(20)  # scores well beyond the cap
     ids, _ = _prompt()
+    caps = []
     with torch.no_grad():
         want = model(ids).logits
         attncc.apply(model, spec=FULL)
-        got = model(ids).logits
-    assert torch.equal(got, want)  # softcap is passed to the attention: attncc leaves those calls
+        with observing(lambda plan, mask, sel: caps.append(plan.score_mod and plan.score_mod.softcap)):
+            got = model(ids).logits
+        attncc.apply(model, spec=None)
+    # transformers passes softcap= to the attention: attncc compiles the cap into its kernel
+    assert caps == [2.0, 2.0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])

@@ -56,6 +56,14 @@ def build(arch: str, impl: str, layers: int = 2):
         )
         model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
         return model, lm, lambda o: o.logits, [("self_attn", i, 4, 2, SEQ, SEQ) for i in range(2)]
+    if arch == "gemma2":
+        # soft-capped scores (tanh(s / 2) * 2 before the mask), queries scaled so the cap bites
+        cfg = T.Gemma2Config(**LLAMA_LIKE, head_dim=8, sliding_window=WINDOW, attn_logit_softcapping=2.0)
+        model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(20)
+        return model, lm, lambda o: o.logits, [("self_attn", i, 4, 2, SEQ, SEQ) for i in range(2)]
     if arch == "gpt2":
         cfg = T.GPT2Config(
             vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
@@ -116,13 +124,14 @@ def build(arch: str, impl: str, layers: int = 2):
 
 CASES = [
     (a, i) for a in ("llama", "qwen2", "mistral", "gemma3", "gpt2", "bert", "vit", "bart") for i in ("eager", "sdpa")
-]
+] + [("gemma2", "eager")]  # transformers runs soft-capping in eager only
 # the model's own mask each architecture's first site must be recovered as (structural, runtime kind)
 OWN_MASK = {
     "llama": ("causal", None),
     "qwen2": ("causal", None),
     "mistral": (f"{{window: {WINDOW}}}", None),
     "gemma3": (f"{{window: {WINDOW}}}", None),
+    "gemma2": (f"{{window: {WINDOW}}}", None),
     "gpt2": ("causal", None),
     "vit": ("full", None),
     "bart": ("full", None),
@@ -153,8 +162,11 @@ def test_every_attention_rewritten_and_equal(arch, impl, tmp_path):
         assert g[0].endswith(mod) and g[1:] == (layer, h, hkv, sq, skv), got
     if arch in OWN_MASK:
         assert (sites[0]["model_mask"], sites[0]["runtime_mask"]) == OWN_MASK[arch]
-    if arch == "gemma3":
+    if arch in ("gemma3", "gemma2"):
         assert sites[1]["model_mask"] == "causal"
+    if arch == "gemma2":
+        # the cap is compiled into the kernel: taking it away changes the logits
+        assert "softcap" in sites[0]["kernel"], sites[0]
     if arch == "bert":
         assert sites[0]["runtime_mask"] is not None
 

@@ -119,15 +119,49 @@ def test_baddbmm_without_reshape_is_rewritten():
     assert attncc.counters["rewritten"] == 1
 
 
-def test_soft_capped_scores_are_reported_with_the_reason():
-    class Capped(torch.nn.Module):
-        def forward(self, q, k, v):
-            s = q @ k.transpose(-1, -2) * 0.25
-            return (torch.tanh(s / 30.0) * 30.0).softmax(-1) @ v
+class Capped(torch.nn.Module):
+    """Soft-capped scores spelled as Gemma 2 does (scale, / cap, tanh, * cap, + mask)."""
 
+    def __init__(self, pre=0.25, cap=3.0, post=None, mask_inside=False):
+        super().__init__()
+        self.pre, self.cap, self.post, self.mask_inside = pre, cap, cap if post is None else post, mask_inside
+
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2) * self.pre
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        if self.mask_inside:
+            s = s.masked_fill(~causal, float("-inf"))
+        s = torch.tanh(s / self.cap) * self.post
+        if not self.mask_inside:
+            s = s.masked_fill(~causal, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+def test_soft_capped_scores_are_compiled_with_the_cap():
     q, k, v, _ = _inputs()
-    report = attncc.explain(Capped(), q, k, v, spec=FULL)
-    assert not report.sites and "soft-capping" in report.skipped[0]
+    q = q * 4  # scores beyond the cap
+    model = Capped()
+    want = model(q, k, v)
+    got = torch.compile(model, backend="attncc", options={"spec": FULL, "strict": True})(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert attncc.counters["rewritten"] == 1
+    (site,) = attncc.explain(model, q, k, v, spec=FULL).sites
+    assert site.kernel.endswith("softcap_fwd_kernel")
+
+
+@pytest.mark.parametrize(
+    "model,why",
+    [
+        (Capped(post=-3.0), "positive cap"),
+        (Capped(mask_inside=True), "before the mask"),
+    ],
+    ids=["negative-cap", "mask-inside-tanh"],
+)
+def test_soft_capping_it_cannot_read_is_reported(model, why):
+    q, k, v, _ = _inputs()
+    report = attncc.explain(model, q, k, v, spec=FULL)
+    assert not report.sites and why in report.skipped[0], report.skipped
 
 
 @pytest.mark.parametrize("alibi", [False, True])

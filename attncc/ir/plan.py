@@ -15,6 +15,7 @@ from attncc.ir import masks as M
 from attncc.ir.blocks import EMPTY, FULL, PARTIAL, BlockTable, build_block_table, count_allowed
 from attncc.ir.dtypes import DTYPES, DTypeName
 from attncc.ir.permute import TilePermutation
+from attncc.ir.score_mod import ScoreMod
 
 MaskKind = Literal["bool", "additive"]
 #: where the queries sit among the keys: ``start`` (query i at ``q_offset + i``; 0 for prefill and
@@ -56,6 +57,9 @@ class AttentionPlan:
     #: k/v come with a per-(batch, kv head) key order given at call time (PBS-Attn): kernel
     #: slot -> model key position, ``[B, Hkv, Skv]``; queries keep model order
     runtime_key_order: bool = False
+    #: soft-capping / ALiBi the model applies to ``scale * q.k`` before its mask and the softmax,
+    #: compiled into the kernels (:mod:`attncc.ir.score_mod`)
+    score_mod: ScoreMod | None = None
     rule: str = ""
     name: str = field(default="", compare=False)
 
@@ -94,6 +98,8 @@ class AttentionPlan:
             self.permute.check(self.kv_len, "key")
         for p in self.programs:
             p.check_lengths(self.q_len, self.kv_len)
+        if self.score_mod is not None:
+            self.score_mod.check_heads(self.num_heads)
 
     @classmethod
     def of(
@@ -166,6 +172,8 @@ class AttentionPlan:
         """Short name of the mask pattern, used in kernel names."""
         names = sorted({p.name for p in self.programs})
         s = "heads_" + "_".join(names) if len(names) > 1 else names[0]
+        if self.score_mod is not None:
+            s = f"{s[: 47 - len(self.score_mod.name)]}_{self.score_mod.name}"
         return "".join(c if c.isalnum() or c == "_" else "_" for c in s)[:48]
 
     def to_dict(self) -> dict:
@@ -191,6 +199,8 @@ class AttentionPlan:
             d["q_positions"] = self.q_positions
         if self.runtime_key_order:  # only when set, so the keys of other plans stay as they were
             d["runtime_key_order"] = True
+        if self.score_mod is not None:  # only when set, so the keys of other plans stay as they were
+            d["score_mod"] = self.score_mod.to_spec()
         return d
 
     def key(self) -> str:
@@ -201,16 +211,18 @@ class AttentionPlan:
 
     def kernel_key(self) -> tuple:
         """What the generated kernel sources depend on: the mask programs, which heads take which,
-        the dtype and a run-time key order. Everything else (lengths, the query offset, head dims,
-        block sizes, the permutation, the model's mask tensor) reaches a kernel at launch, so plans
-        differing only there share one compiled module."""
-        return (self.programs, self.head_to_program, self.dtype, self.runtime_key_order)
+        the dtype, a run-time key order and the score modification. Everything else (lengths, the
+        query offset, head dims, block sizes, the permutation, the model's mask tensor) reaches a
+        kernel at launch, so plans differing only there share one compiled module."""
+        return (self.programs, self.head_to_program, self.dtype, self.runtime_key_order, self.score_mod)
 
     def describe_kernel(self) -> str:
         """The part of :meth:`describe` a kernel source depends on (:meth:`kernel_key`)."""
         lines = [
             f"{self.dtype}; {self.num_heads} heads" + (", keys in a run-time order" if self.runtime_key_order else "")
         ]
+        if self.score_mod is not None:
+            lines.append(f"scores modified: {self.score_mod}")
         for i, p in enumerate(self.programs):
             lines.append(f"program {i} heads {ranges(self.heads_of(i))}: {p}")
         lines.append("lengths, offsets, head dims, block sizes, permutation and mask tensor: launch arguments")
@@ -230,6 +242,8 @@ class AttentionPlan:
         )
         if self.runtime_key_order:
             lines.append("  keys in a run-time order per (batch, kv head); queries in model order")
+        if self.score_mod is not None:
+            lines.append(f"  scores modified before the mask: {self.score_mod}")
         for i, p in enumerate(self.programs):
             lines.append(f"  program {i} heads {ranges(self.heads_of(i))}: {p}")
         return "\n".join(lines)

@@ -14,6 +14,7 @@ from attncc.ir import masks as M
 from attncc.ir.dtypes import DTypeName
 from attncc.ir.permute import TilePermutation
 from attncc.ir.plan import AttentionPlan, MaskKind, QueryPositions
+from attncc.ir.score_mod import ScoreMod
 from attncc.ir.selection import SelectorError, resolve_selector, selector_problem, selectors_of
 from attncc.spec.errors import SpecError
 from attncc.spec.models import Spec
@@ -203,6 +204,8 @@ class SiteShape:
     q_positions: QueryPositions | Literal["unknown"] = "start"
     #: False when the operands merge batch and heads and the graph does not show the head count
     heads_known: bool = True
+    #: the model's soft-capping / ALiBi of the scores (kept in every plan: it is the model's)
+    score_mod: ScoreMod | None = None
 
     @property
     def where(self) -> str:
@@ -231,6 +234,8 @@ def plan_for(spec: Spec, shape: SiteShape, check: bool = True) -> AttentionPlan 
     located = f"(rule '{policy.rule}' at {shape.where})"
     if shape.q_positions == "unknown":
         reading = next((p for p in programs if p.reads_query), None)
+        if reading is None and shape.score_mod is not None and shape.score_mod.alibi is not None:
+            reading = f"(the model's ALiBi bias, {shape.score_mod})"
         if reading is not None:
             err = spec.error(
                 f"rule '{policy.rule}' at {shape.where}: its mask {reading} reads query positions, but the "
@@ -269,6 +274,7 @@ def plan_for(spec: Spec, shape: SiteShape, check: bool = True) -> AttentionPlan 
             mask_kind=shape.mask_kind,
             q_offset=shape.q_offset,
             q_positions="start" if shape.q_positions == "unknown" else shape.q_positions,
+            score_mod=shape.score_mod,
             rule=policy.rule,
             name=shape.module,
         )

@@ -311,6 +311,38 @@ def _kernel(template: str, loop: str, name: str, step: str, outputs: str) -> str
     return out
 
 
+#: the backward's reading of a score modification: (text in the helpers/steps, replacement)
+_QK = "    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * sm_scale  # [BM, BN]\n"
+_MOD_POSITIONS = "    q_pos = q_rows[:, None] + Q_OFFSET  # [BM, 1] model positions\n"
+_P_RETURN = "    return tl.exp(qk - lse[:, None])\n"
+_DS = "    ds = p * (dp - delta[:, None])  # [BM, BN]\n"
+
+
+def _with_score_mod(plan: AttentionPlan, helpers: str, steps: list[str]) -> tuple[str, list[str]]:
+    """The helpers and steps with the plan's score modification: P recomputed from the modified
+    scores and, under soft-capping, dS taken through the cap's derivative (1 - tanh^2)."""
+    mod = plan.score_mod
+    if mod is None:
+        return helpers, steps
+    assert helpers.count(_QK) == 1 and helpers.count(_P_RETURN) == 1
+    if mod.softcap is None:
+        call = "    qk = _score_mod(qk, q_pos, kv_rows[None, :], off_h, 1.0)  # [BM, BN]\n"
+        return helpers.replace(_QK, _QK + _MOD_POSITIONS + call), steps
+    call = "    qk, dmod = _score_mod_grad(qk, q_pos, kv_rows[None, :], off_h)  # [BM, BN] each\n"
+    helpers = helpers.replace(_QK, _QK + _MOD_POSITIONS + call)
+    helpers = helpers.replace(_P_RETURN, "    return tl.exp(qk - lse[:, None]), dmod\n")
+    out = []
+    for step in steps:
+        assert step.count("    p = _probabilities(") == 1 and step.count(_DS) == 1
+        step = step.replace("    p = _probabilities(", "    p, dmod = _probabilities(")
+        out.append(
+            step.replace(
+                _DS, "    # through the soft-capping: d tanh\n    ds = p * (dp - delta[:, None]) * dmod  # [BM, BN]\n"
+            )
+        )
+    return helpers, out
+
+
 def backward_source(plan: AttentionPlan) -> str:
     """Python/Triton source of the backward kernels for ``plan``: a preprocess kernel
     (delta = rowsum(dout * out)), ``<pattern>_bwd_dkdv_kernel`` and ``<pattern>_bwd_dq_kernel``.
@@ -334,10 +366,13 @@ def backward_source(plan: AttentionPlan) -> str:
     ]
     parts = ["\n".join(header)]
     parts.append("\n" + emit_mask_predicate(plan))
+    if plan.score_mod is not None:
+        parts.append("\n" + plan.score_mod.triton_source(with_grad=plan.score_mod.softcap is not None))
     parts.append(_PREPROCESS.replace("{name}", names["preprocess"]))
-    parts.append(_HELPERS)
-    parts.append(_DKDV_STEP.replace("{name}", f"{p}_bwd_dkdv_step"))
+    helpers, (dkdv_step, dq_step) = _with_score_mod(plan, _HELPERS, [_DKDV_STEP, _DQ_STEP])
+    parts.append(helpers)
+    parts.append(dkdv_step.replace("{name}", f"{p}_bwd_dkdv_step"))
     parts.append(_kernel(_DKDV, _DKDV_LOOP, names["dkdv"], f"{p}_bwd_dkdv_step", "DK, DV"))
-    parts.append(_DQ_STEP.replace("{name}", f"{p}_bwd_dq_step"))
+    parts.append(dq_step.replace("{name}", f"{p}_bwd_dq_step"))
     parts.append(_kernel(_DQ, _DQ_LOOP, names["dq"], f"{p}_bwd_dq_step", "DQ"))
     return "\n".join(parts)

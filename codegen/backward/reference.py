@@ -25,7 +25,8 @@ def attention_backward_reference(
 
     The custom op's backward runs below the autograd dispatcher, where autograd cannot record,
     so the derivative is written out (checked against finite differences by gradcheck):
-    P = softmax(S), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O) + dlse), dQ = scale dS K,
+    P = softmax(S), dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O) + dlse) (times the score modification's
+    derivative), dQ = scale dS K,
     dK = scale dS^T Q, with the GQA group of query heads summed into each kv head. Rows with no
     allowed key get zero gradient."""
     d = dense_attention(plan, q, k, v, mask_tensor)
@@ -38,6 +39,11 @@ def attention_backward_reference(
     if dlse is not None:
         row = row - torch.where(finite, dlse.to(p.dtype).unsqueeze(-1), zero)
     ds = p * (dp - row)
+    if plan.score_mod is not None:
+        # dS of the scaled scores: through the modification (soft-capping's 1 - tanh^2)
+        factor = plan.score_mod.grad_factor(torch.matmul(d.q, d.k.transpose(-1, -2)) * plan.scale)
+        if factor is not None:
+            ds = ds * factor
     dq = torch.matmul(ds, d.k) * plan.scale
     dk = torch.matmul(ds.transpose(-1, -2), d.q) * plan.scale  # [B, H, Skv, D] per query head
     # GQA: the query heads sharing a kv head add their contributions

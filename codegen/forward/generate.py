@@ -197,7 +197,7 @@ def _visit_kv_block(
         k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, k_t{dot_kwargs}) * qk_scale  # [BM, BN]
-    if HAS_MASK_TENSOR:
+{score_mod}    if HAS_MASK_TENSOR:
         m_ptrs = MaskTensor + off_b * stride_mb + off_h * stride_mh + q_idx[:, None] * stride_mq \\
             + kv_idx[None, :] * stride_mk
         model_mask = tl.load(m_ptrs, mask=q_valid[:, None] & kv_valid[None, :], other=0)  # [BM, BN]
@@ -347,13 +347,23 @@ _MANY_PROGRAMS = (
 )
 
 
+#: the score modification's call in ``_visit_kv_block`` (scores there are in log2 units)
+_SCORE_MOD_CALL = (
+    "    # the model's score modification, before its mask and the spec's (positions in model order)\n"
+    "    s = _score_mod(s, q_pos, kv_idx[None, :], off_h, LOG2E)  # [BM, BN]\n"
+)
+
+
 def kernel_helpers(plan: AttentionPlan) -> str:
-    """The mask predicate, the tile loader and the online-softmax step ``_visit_kv_block``: the
-    forward kernel's helpers, which the decode kernel calls unchanged (with a head and a program
-    per row)."""
+    """The mask predicate, the score modification, the tile loader and the online-softmax step
+    ``_visit_kv_block``: the forward kernel's helpers, which the decode kernel calls unchanged
+    (with a head and a program per row)."""
     # fp32 plans keep fp32 accuracy on GPUs too (no TF32)
     dot_kwargs = ', input_precision="ieee"' if plan.dtype == "float32" else ""
-    return emit_mask_predicate(plan) + "\n\n" + _LOAD_2D + _VISIT.format(dot_kwargs=dot_kwargs)
+    mod = plan.score_mod
+    score_mod = "" if mod is None else mod.triton_source() + "\n\n"
+    visit = _VISIT.format(dot_kwargs=dot_kwargs, score_mod="" if mod is None else _SCORE_MOD_CALL)
+    return emit_mask_predicate(plan) + "\n\n" + score_mod + _LOAD_2D + visit
 
 
 def generate_forward(plan: AttentionPlan) -> str:

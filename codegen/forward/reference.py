@@ -12,7 +12,8 @@ from attncc.ir.plan import AttentionPlan
 @dataclass(frozen=True)
 class Dense:
     """The dense attention of a plan in the accumulation dtype ``acc``: queries ``q``, keys and
-    values repeated per query head (``k``, ``v``), masked scores (``-inf`` where not allowed),
+    values repeated per query head (``k``, ``v``), masked scores (after the plan's score
+    modification) (``-inf`` where not allowed),
     the allowed pairs, the probabilities ``p`` (0 on rows with no key), ``out`` and ``lse``
     (``-inf`` on rows with no key)."""
 
@@ -37,6 +38,8 @@ def dense_attention(
     kf = k.to(acc).repeat_interleave(group, dim=1)
     vf = v.to(acc).repeat_interleave(group, dim=1)
     scores = torch.matmul(qf, kf.transpose(-1, -2)) * plan.scale
+    if plan.score_mod is not None:
+        scores = plan.score_mod.apply(scores, plan.q_offset)
     allowed = plan.dense_mask(q.device).unsqueeze(0)
     if mask_tensor is not None:
         if mask_tensor.dtype == torch.bool:

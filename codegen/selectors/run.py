@@ -177,6 +177,11 @@ def run_permuted(
     target, run the forward kernels with the order as an argument (k/v are gathered inside the
     kernel, the mask tensor stays in model order). Queries keep model order, so outputs need no
     scatter."""
+    if plan.score_mod is not None and plan.score_mod.alibi is not None:
+        raise ValueError(
+            f"rule '{plan.rule}': keys ordered at run time cannot take an ALiBi bias (it reads key "
+            "positions); use a static mask or no permutation for this model"
+        )
     order = R.key_order(q, k, segment)
     selected = R.select_permuted(plan, q, k, order)
     if target is not None:
