@@ -58,7 +58,9 @@ def site_shape(site: AttentionSite) -> SiteShape:
         q_positions=site.positions.kind,
         q_offset=site.q_offset,
         heads_known=site.heads_known,
-        score_mod=None if site.softcap is None else ScoreMod(softcap=site.softcap),
+        score_mod=None
+        if site.softcap is None and site.alibi is None
+        else ScoreMod(softcap=site.softcap, alibi=site.alibi),
     )
 
 

@@ -75,6 +75,9 @@ class MaskTerm:
     kind: TermKind
     factor: float = 1.0
     structural: M.Mask | None = None
+    #: an additive term proven an ALiBi bias: per query head ``slope * (kv_pos - q_pos)`` plus a
+    #: constant per row (which no softmax sees), slopes in score units (``factor`` applied)
+    alibi: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -164,6 +167,14 @@ class AttentionSite:
         return M.conj(M.Causal() if self.is_causal else None, *(t.structural for t in self.terms))
 
     @property
+    def alibi(self) -> tuple[float, ...] | None:
+        """Per-head ALiBi slopes of the terms proven ALiBi (summed: biases add), or None."""
+        slopes = [t.alibi for t in self.terms if t.alibi is not None]
+        if not slopes:
+            return None
+        return tuple(float(sum(col)) for col in zip(*slopes))
+
+    @property
     def runtime_terms(self) -> list[MaskTerm]:
         return [t for t in self.terms if t.structural is None]
 
@@ -194,6 +205,7 @@ class AttentionSite:
             f"kv {self.num_kv_heads} q_len {self.q_len} kv_len {self.kv_len} head_dim {self.head_dim} "
             f"{str(self.dtype).replace('torch.', '')} scale {self.scale:.6g}"
             + (f" softcap {self.softcap:g}" if self.softcap is not None else "")
+            + (" alibi" if self.alibi is not None else "")
             + f" gqa {self.gqa} model mask {mask} "
             f"nodes {','.join(self.node_names)}"
         )
@@ -501,6 +513,48 @@ def recover_structure(
     return None, "positions-only mask that is not full / causal / a window: kept as a runtime tensor"
 
 
+def recover_alibi(
+    g: nx.DiGraph, term: MaskTerm, score_shape: tuple[int, ...], head_axis: int | None
+) -> tuple[tuple[float, ...] | None, str]:
+    """Prove an additive term an ALiBi bias, ``slope[h] * kv_pos + c[h, q]`` for every allowed
+    pair (``c`` constant along each row: the softmax does not see it, so this is
+    ``slope[h] * (kv_pos - q_pos)`` up to such a constant), when it reads no input data and the
+    graph has static sizes. Returns (slopes per head, already times the term's factor, or None;
+    explanation). A term that also excludes pairs is not taken (masks come as their own terms)."""
+    nodes = constant_subgraph(g, term.node)
+    if nodes is None or _symbolic(nodes) or term.kind != "additive":
+        return None, ""
+    if head_axis is None:
+        return None, "a bias per head where the head axis is not visible: kept as a runtime tensor"
+    value = evaluate(nodes)
+    shape = tuple(_hint(s) for s in score_shape)
+    if not isinstance(value, torch.Tensor) or value.dim() > len(shape):
+        return None, ""
+    try:
+        t = value.double().expand(shape)
+    except RuntimeError:
+        return None, ""
+    if not bool(torch.isfinite(t).all()) or bool((t <= _EXCLUDE_BELOW).any()):
+        return None, ""
+    sq, skv = shape[-2], shape[-1]
+    t = t.movedim(head_axis, 0).reshape(shape[head_axis], -1, sq, skv)  # [H, rest, Sq, Skv]
+    if not bool((t == t[:, :1]).all()):
+        return None, "a bias that differs across the batch: kept as a runtime tensor"
+    t = t[:, 0]  # [H, Sq, Skv]
+    if skv < 2:
+        return None, ""
+    slopes = (t[:, 0, -1] - t[:, 0, 0]) / (skv - 1)  # [H] from the widest pair of the first row
+    # what is left after the slope must be constant along every row, to the rounding of the
+    # model's own (fp32) bias
+    rest = t - slopes[:, None, None] * torch.arange(skv, dtype=t.dtype)
+    spread = rest.amax(-1) - rest.amin(-1)
+    tol = 8 * torch.finfo(torch.float32).eps * (1.0 + float(t.abs().max()))
+    if float(spread.max()) > tol:
+        return None, "an additive bias that is not linear in the key position per head: kept as a runtime tensor"
+    fitted = tuple(float(torch.tensor(float(s), dtype=torch.float32)) * term.factor for s in slopes)
+    return fitted, "proven an ALiBi bias, slopes " + ", ".join(f"{x:.6g}" for x in fitted)
+
+
 def _candidates(pattern: torch.Tensor, q_offset: int) -> list[M.Mask]:
     sq, skv = pattern.shape
     q = torch.arange(sq).view(-1, 1) + q_offset
@@ -660,6 +714,12 @@ class _Detector:
                     site.notes.append(f"mask {t.node.name} ({t.kind}): {why}")
                     continue
             t.structural, why = recover_structure(self.g, t, tuple(shape), offset)
+            if t.structural is None and t.kind == "additive":
+                head_axis = site.score_roles.index(site.batch[1]) if len(site.batch) == 2 else None
+                slopes, alibi_why = recover_alibi(self.g, t, tuple(shape), head_axis)
+                if slopes is not None:
+                    t.structural, t.alibi = M.Full(), slopes
+                why = alibi_why or why
             site.notes.append(f"mask {t.node.name} ({t.kind}): {why}")
 
     # -- F.scaled_dot_product_attention --------------------------------------------------------

@@ -64,6 +64,11 @@ def build(arch: str, impl: str, layers: int = 2):
             for layer in model.model.layers:
                 layer.self_attn.q_proj.weight.mul_(20)
         return model, lm, lambda o: o.logits, [("self_attn", i, 4, 2, SEQ, SEQ) for i in range(2)]
+    if arch == "mpt":
+        # ALiBi: a bias computed from positions only, recovered as per-head slopes
+        cfg = T.MptConfig(vocab_size=100, d_model=32, n_heads=4, n_layers=2, max_seq_len=32, expansion_ratio=2)
+        model = T.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
+        return model, lm, lambda o: o.logits, [("attn", i, 4, 4, SEQ, SEQ) for i in range(2)]
     if arch == "gpt2":
         cfg = T.GPT2Config(
             vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=0, eos_token_id=0
@@ -124,7 +129,7 @@ def build(arch: str, impl: str, layers: int = 2):
 
 CASES = [
     (a, i) for a in ("llama", "qwen2", "mistral", "gemma3", "gpt2", "bert", "vit", "bart") for i in ("eager", "sdpa")
-] + [("gemma2", "eager")]  # transformers runs soft-capping in eager only
+] + [("gemma2", "eager"), ("mpt", "eager")]  # the only implementation transformers runs them with
 # the model's own mask each architecture's first site must be recovered as (structural, runtime kind)
 OWN_MASK = {
     "llama": ("causal", None),
@@ -132,6 +137,7 @@ OWN_MASK = {
     "mistral": (f"{{window: {WINDOW}}}", None),
     "gemma3": (f"{{window: {WINDOW}}}", None),
     "gemma2": (f"{{window: {WINDOW}}}", None),
+    "mpt": ("causal", None),
     "gpt2": ("causal", None),
     "vit": ("full", None),
     "bart": ("full", None),
@@ -167,8 +173,22 @@ def test_every_attention_rewritten_and_equal(arch, impl, tmp_path):
     if arch == "gemma2":
         # the cap is compiled into the kernel: taking it away changes the logits
         assert "softcap" in sites[0]["kernel"], sites[0]
+    if arch == "mpt":
+        # the bias is structure in the kernel, not a run-time tensor
+        assert "alibi" in sites[0]["kernel"], sites[0]
     if arch == "bert":
         assert sites[0]["runtime_mask"] is not None
+
+
+def test_mpt_alibi_is_structure_so_a_window_skips_blocks():
+    """ALiBi read as slopes, not an S x S tensor: a window spec leaves pairs and blocks out
+    (density of the window, < 1) in an ALiBi kernel (exactness: the parametrized test above)."""
+    model, inp, get, _ = build("mpt", "eager")
+    model.eval()
+    spec = {"attncc": 1, "block_size": 16, "rules": [{"mask": {"window": 4}}]}
+    report = attncc.explain(model, **inp, spec=spec)
+    assert [round(s.density[0], 4) for s in report.sites] == [round((4 * SEQ - 6) / SEQ**2, 4)] * 2
+    assert all(s.kernel.endswith("alibi_fwd_kernel") for s in report.sites)
 
 
 # layer groups: 0-1 keep the model's causal mask, 2 a window, 3 sink + window with two head overrides

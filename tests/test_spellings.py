@@ -240,3 +240,57 @@ def test_low_precision_baddbmm_is_left_as_written(dtype):
     want = Bias()(q, k, v, bias)
     got = torch.compile(Bias(), backend="attncc", options={"spec": FULL, "inner": "eager"})(q, k, v, bias)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+class Biased(torch.nn.Module):
+    """Scores plus a bias built from positions only (MPT's spelling: slope * (kv - (S - 1)),
+    one slope per head), or a bias that is not ALiBi."""
+
+    def __init__(self, kind: str, heads: int):
+        super().__init__()
+        self.kind, self.heads = kind, heads
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        s = q @ k.transpose(-1, -2) * 0.25
+        pos = torch.arange(1 - n, 1, dtype=torch.int32).view(1, 1, 1, n)
+        slopes = 1.0 / torch.pow(2, torch.arange(1, self.heads + 1).float() * (8 / self.heads))
+        if self.kind == "alibi":
+            bias = pos * slopes.view(1, self.heads, 1, 1)
+        elif self.kind == "quadratic":
+            d = torch.arange(n).view(-1, 1) - torch.arange(n).view(1, -1)
+            bias = -0.01 * (d * d).float()
+        else:  # from the data
+            bias = q.sum(-1, keepdim=True) * 0.0 + pos * 0.1
+        s = s + bias
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        s = s.masked_fill(~causal, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("heads", [4, 6], ids=["4-heads", "6-heads"])
+def test_alibi_bias_is_read_as_slopes(heads):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, heads, 40, 16, generator=g) for _ in range(3))
+    model = Biased("alibi", heads)
+    want = model(q, k, v)
+    got = torch.compile(model, backend="attncc", options={"spec": FULL, "strict": True})(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    (site,) = attncc.explain(model, q, k, v, spec=FULL).sites
+    assert site.kernel.endswith("alibi_fwd_kernel") and (site.model_mask, site.runtime_mask) == ("causal", None)
+    # the bias matters: without it the answer differs
+    assert (
+        got - torch.softmax((q @ k.mT * 0.25).masked_fill(~torch.ones(40, 40).tril().bool(), -1e9), -1) @ v
+    ).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("kind", ["quadratic", "data"])
+def test_a_bias_that_is_not_alibi_stays_a_runtime_tensor(kind):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 4, 32, 16, generator=g) for _ in range(3))
+    model = Biased(kind, 4)
+    want = model(q, k, v)
+    got = torch.compile(model, backend="attncc", options={"spec": FULL, "strict": True})(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    (site,) = attncc.explain(model, q, k, v, spec=FULL).sites
+    assert "alibi" not in site.kernel
