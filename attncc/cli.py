@@ -11,7 +11,7 @@ import torch
 
 from attncc.codegen.dump import write_kernels
 from attncc.codegen.files import write_file
-from attncc.importers import PatternError, duo_spec
+from attncc.importers import PatternError, duo_spec, minference_spec, xattention_spec
 from attncc.ir import masks as M
 from attncc.ir.blocks import EMPTY, FULL, PARTIAL, classify
 from attncc.ir.dtypes import DTYPES, SPELLINGS
@@ -214,13 +214,19 @@ def _dump(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_duo(args: argparse.Namespace) -> int:
+#: ``attncc import FORMAT``: the spec text of the parsed arguments
+_IMPORTERS = {
+    "duo": lambda a: duo_spec(a.path, threshold=a.threshold, sparsity=a.sparsity, group=a.group, block=a.block),
+    "xattention": lambda a: xattention_spec(a.path, stride=a.stride, block=a.block, table=a.table),
+    "minference": lambda a: minference_spec(a.path, block=a.block),
+}
+
+
+def _import(args: argparse.Namespace) -> int:
     try:
-        text = duo_spec(
-            args.folder, threshold=args.threshold, sparsity=args.sparsity, group=args.group, block=args.block
-        )
+        text = _IMPORTERS[args.format](args)
     except PatternError as e:
-        print(f"attncc import duo: {e}", file=sys.stderr)
+        print(f"attncc import {args.format}: {e}", file=sys.stderr)
         return 2
     if args.output:
         write_file(pathlib.Path(args.output), text)
@@ -270,13 +276,22 @@ def parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="print a spec from another project's pattern files")
     isub = imp.add_subparsers(dest="format", required=True)
     duo = isub.add_parser("duo", help="DuoAttention: full_attention_heads.tsv + config.json -> per-layer head policies")
-    duo.add_argument("folder", help="pattern folder (full_attention_heads.tsv, config.json)")
+    duo.add_argument("path", metavar="folder", help="pattern folder (full_attention_heads.tsv, config.json)")
     duo.add_argument("--threshold", type=float, default=0.5, help="gate >= threshold: retrieval (full) head")
     duo.add_argument("--sparsity", type=float, default=None, help="instead of --threshold: this quantile of the gates")
     duo.add_argument("--group", type=int, default=1, help="query heads per kv head (GQA)")
     duo.add_argument("--block", type=int, default=64, help="block_size of the spec")
-    duo.add_argument("-o", "--output", default=None, help="write the spec here (default: stdout)")
-    duo.set_defaults(func=_import_duo)
+    xat = isub.add_parser("xattention", help="XAttention: per-layer (per-head) thresholds -> threshold rules")
+    xat.add_argument("path", metavar="file", help="JSON list (an entry per layer) or a Python file of tables")
+    xat.add_argument("--stride", type=int, default=16, help="antidiagonal stride (XAttention: 16, or 8, 4)")
+    xat.add_argument("--block", type=int, default=128, help="block size of spec and selection (XAttention: 128)")
+    xat.add_argument("--table", default=None, help="the table of a Python file (default: llama_fuse_<stride>)")
+    mif = isub.add_parser("minference", help="MInference: best-pattern JSON -> per-layer head policies")
+    mif.add_argument("path", metavar="file", help="best-pattern JSON (one object per layer: head -> pattern)")
+    mif.add_argument("--block", type=int, default=64, help="block size of the spec and the vertical-slash selection")
+    for p_ in (duo, xat, mif):
+        p_.add_argument("-o", "--output", default=None, help="write the spec here (default: stdout)")
+        p_.set_defaults(func=_import)
     return p
 
 

@@ -64,6 +64,12 @@ CASES: dict[str, Callable[[int], object]] = {
     "not": lambda n: {"not": {"window": max(1, n // 8)}},
     "topk": lambda n: {"all": ["causal", {"any": [{"window": 16}, {"topk": {"k": 2, "block": 16}}]}]},
     "threshold": lambda n: {"all": ["causal", {"threshold": {"tau": 0.5, "block": 16}}]},
+    "vertical_slash": lambda n: {
+        "all": [
+            "causal",
+            {"vertical_slash": {"vertical": 4, "slash": 4, "last_q": 8, "keep_first": 1, "keep_recent": 2}},
+        ]
+    },
 }
 
 

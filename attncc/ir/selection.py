@@ -1,9 +1,9 @@
 """Selector programs: how a mask with a data-dependent block selector splits into two static
 masks, the selector's resolved parameters, and which selector rules this attncc can run.
 
-A selector node ``{topk: ...}`` / ``{threshold: ...}`` is a predicate that is constant on each
-(selector query block, selector kv block) pair: True on the selected pairs. A mask program ``F``
-with one selector ``s`` therefore equals ``F[s := full]`` on selected block pairs and
+A selector node ``{topk: ...}`` / ``{threshold: ...}`` / ``{vertical_slash: ...}`` is a predicate
+that is constant on each (selector query block, selector kv block) pair: True on the selected
+pairs. A mask program ``F`` with one selector ``s`` therefore equals ``F[s := full]`` on selected block pairs and
 ``F[s := empty]`` elsewhere; both are static masks with ordinary block tables and predicates.
 The selector chooses among its *candidates*: the block pairs where the two differ (where the
 selection changes the mask). Blocks a static part already keeps are not candidates.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from attncc.ir import masks as M
 from attncc.ir.masks import EMPTY
+from attncc.ir.masks.vertical_slash import DEFAULTS as VERTICAL_SLASH_DEFAULTS
 from attncc.ir.scores import GROUP_PARAMS, SCORES, Score
 
 
@@ -73,16 +74,24 @@ class SelectorConfig:
     ``block`` is the selection granularity in tokens (queries and keys alike); it is a multiple
     of both kernel block sizes so the selector is constant on every kernel block pair.
     ``pool`` is the token group behind one score feature: ``block`` for ``mean_pool``,
-    ``pool`` for ``draft``, ``stride`` for ``antidiagonal``.
+    ``pool`` for ``draft``, ``stride`` for ``antidiagonal``. A ``vertical_slash`` selector has
+    no block score (``score`` is empty, ``pool`` the block): it ranks key columns and
+    diagonals from the attention of the ``last_q`` last queries (``vertical``, ``slash``,
+    ``keep_first``, ``keep_recent``: see :mod:`attncc.ir.masks.vertical_slash`).
     """
 
-    method: str  # "topk" | "threshold"
-    score: str  # a name in attncc.ir.scores.SCORES
+    method: str  # "topk" | "threshold" | "vertical_slash"
+    score: str  # a name in attncc.ir.scores.SCORES ("" for vertical_slash)
     block: int
     pool: int
     k: int = 0
     tau: float = 1.0
     min_blocks: int = 0
+    vertical: int = 0
+    slash: int = 0
+    last_q: int = 0
+    keep_first: int = 0
+    keep_recent: int = 0
 
     @property
     def score_kind(self) -> Score:
@@ -100,13 +109,23 @@ class SelectorConfig:
 
 def resolve_selector(sel: M.Selector, block_q: int, block_kv: int) -> SelectorConfig:
     """Resolve defaults and check ``sel`` against the kernel block sizes (SelectorError)."""
-    score = SCORES[sel.param("score", "mean_pool")]
     block = sel.param("block", max(block_q, block_kv))
     if block % block_q or block % block_kv:
         raise SelectorError(
             f"{sel}: block {block} must be a multiple of the kernel block sizes ({block_q} x {block_kv}) "
             f"so the selection is constant on every kernel block; use block: {max(block_q, block_kv)} or a multiple"
         )
+    if sel.method == "vertical_slash":
+        return SelectorConfig(
+            method=sel.method,
+            score="",
+            block=block,
+            pool=block,
+            vertical=int(sel.param("vertical")),
+            slash=int(sel.param("slash")),
+            **{key: int(sel.param(key, default)) for key, default in VERTICAL_SLASH_DEFAULTS.items()},
+        )
+    score = SCORES[sel.param("score", "mean_pool")]
     for p in GROUP_PARAMS:
         if sel.param(p) is not None and p != score.group_param:
             owner = next(s.name for s in SCORES.values() if s.group_param == p)

@@ -119,6 +119,12 @@ def _permute_problem(spec: Spec, index: int) -> Problem:
                 cfg = resolve_selector(sel, block_q, block_kv)
             except SelectorError:
                 continue  # reported by selector_problem
+            if cfg.method == "vertical_slash":
+                return bad(
+                    "the vertical_slash selector ranks key columns and diagonals, which a key order "
+                    "sorted at run time does not keep; use topk or threshold",
+                    "by",
+                )
             if segment % cfg.block:
                 return bad(
                     f"segment {segment} must be a multiple of the selector block {cfg.block} so every "

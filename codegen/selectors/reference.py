@@ -194,3 +194,54 @@ def dense_permuted_mask(plan: AttentionPlan, selected: Tensor, order: Tensor) ->
     slots = slot_masks(plan, selected, order)
     index = per_head_order(plan, order, list(range(plan.num_heads))).unsqueeze(2).expand_as(slots)
     return torch.zeros_like(slots).scatter(-1, index, slots)
+
+
+def vertical_slash_scores(
+    q: Tensor, k: Tensor, kv_head: Tensor, cfg: SelectorConfig, scale: float, q_offset: int
+) -> tuple[Tensor, Tensor]:
+    """MInference's vertical-slash estimate, fp32: ``a = softmax(scale * q_last k^T)`` of the
+    ``min(last_q, Sq)`` last queries (at positions ``q_offset + i``), each over the keys at or
+    before it; ``vertical [B, H, Skv]`` sums ``a`` per key column, ``slash [B, H, P]`` per
+    diagonal ``d = q - kv`` (``P`` = the last query position + 1)."""
+    b, h, sq, _ = q.shape
+    skv = k.shape[2]
+    last = min(cfg.last_q, sq)
+    pos = q_offset + sq - last + torch.arange(last, device=q.device)  # [L]
+    keys = torch.arange(skv, device=q.device)
+    s = torch.matmul(q[:, :, sq - last :].float(), k[:, kv_head.long()].float().transpose(-1, -2)) * scale
+    future = keys[None, :] > pos[:, None]  # [L, Skv]
+    a = torch.softmax(s.masked_fill(future, float("-inf")), -1)  # [B, H, L, Skv]
+    vertical = a.sum(-2)
+    num_diagonals = q_offset + sq
+    # future pairs have a == 0; clamped to diagonal 0 they add nothing
+    diagonal = (pos[:, None] - keys[None, :]).clamp(min=0).expand(b, h, last, skv)
+    slash = torch.zeros(b, h, num_diagonals, device=q.device).scatter_add_(
+        -1, diagonal.reshape(b, h, -1), a.reshape(b, h, -1)
+    )
+    return vertical, slash
+
+
+def keep_top(score: Tensor, n: int, forced: int) -> Tensor:
+    """bool like ``score [.., S]``: the first ``forced`` indices and the highest-scoring others,
+    ``max(n, forced)`` in all (equal scores: the lower index first)."""
+    score = score.clone()
+    score[..., :forced] = float("inf")
+    order = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return rank < max(n, forced)
+
+
+def vertical_slash_reference(
+    q: Tensor, k: Tensor, kv_head: Tensor, cfg: SelectorConfig, scale: float, q_offset: int
+) -> Tensor:
+    """``[B, H, nI, nJ]`` bool, selector blocks: a block pair holds a kept key column (any of its
+    rows) or a pair ``(q, kv)`` on a kept diagonal ``q - kv``; built from the dense token set."""
+    sq, skv = q.shape[2], k.shape[2]
+    vertical, slash = vertical_slash_scores(q, k, kv_head, cfg, scale, q_offset)
+    columns = keep_top(vertical, cfg.vertical, cfg.keep_first)  # [B, H, Skv]
+    diagonals = keep_top(slash, cfg.slash, cfg.keep_recent)  # [B, H, P]
+    d = q_offset + torch.arange(sq, device=q.device)[:, None] - torch.arange(skv, device=q.device)[None, :]
+    on_diagonal = diagonals[:, :, d.clamp(min=0)] & (d >= 0)  # [B, H, Sq, Skv]
+    tokens = columns.unsqueeze(2) | on_diagonal
+    return _block_any(tokens, cfg.block)

@@ -26,6 +26,7 @@ from attncc.codegen.selectors.layout import (
     selection_shape,
     to_kernel_blocks,
 )
+from attncc.codegen.selectors.vertical_slash import vertical_slash_blocks
 from attncc.ir import masks as M
 from attncc.ir.blocks import BlockTable
 from attncc.ir.plan import AttentionPlan
@@ -36,8 +37,9 @@ Tensor = torch.Tensor
 def select_blocks(plan: AttentionPlan, q: Tensor, k: Tensor, target: str | None = None, with_logits: bool = False):
     """Selected kernel blocks ``[B, H, nq, nk]`` bool for ``q [B, H, Sq, D]``, ``k [B, Hkv, Skv, D]``
     (False for heads whose program has no selector), by the torch reference (``target`` None) or
-    the Triton kernels on ``target`` (``interpret`` or ``cuda``). With ``with_logits``, also
-    returns a list of per-program ``(heads, logits)``."""
+    the Triton kernels on ``target`` (``interpret`` or ``cuda``); a ``vertical_slash`` selector
+    estimates with torch ops on the inputs' device either way. With ``with_logits``, also
+    returns a list of per-program ``(heads, logits)`` (block-scoring selectors only)."""
     lay = layout(plan)
     b = q.shape[0]
     nq, nk = lay.num_q_blocks, lay.num_kv_blocks
@@ -51,6 +53,11 @@ def select_blocks(plan: AttentionPlan, q: Tensor, k: Tensor, target: str | None 
         cand = cand.to(q.device)
         qh = q if heads == list(range(plan.num_heads)) else q[:, heads]
         kv_head = torch.tensor([hh // plan.gqa_group for hh in heads], device=q.device)
+        if cfg.method == "vertical_slash":
+            # the same torch estimate on every executor; on a target the tables and attention run in Triton
+            sel = vertical_slash_blocks(qh, k, kv_head, cfg, plan.scale, plan.q_offset) & cand
+            selected[:, heads] = to_kernel_blocks(sel, cfg, plan, nq, nk)
+            continue
         if target is None:
             qf, kf = R.features_reference(qh, cfg, True), R.features_reference(k, cfg, False)
             logits = R.block_logits_reference(qf, kf, kv_head, cand, cfg, plan.scale)

@@ -35,6 +35,7 @@ from attncc.ir.masks.tile3d import TextTile3D, Tile3D
 from attncc.ir.masks.neighborhood import Neighborhood
 from attncc.ir.masks.combinators import EMPTY, All, Any_, Not, conj
 from attncc.ir.masks.selector import Selector
+from attncc.ir.masks import vertical_slash as _vertical_slash  # noqa: F401 (registers the key)
 
 __all__ = [
     "PRIMITIVES",

@@ -63,10 +63,11 @@ def _parse_threshold(arg, path, child):
 )
 @dataclass(frozen=True)
 class Selector(Mask):
-    """Data-dependent block selection (``topk`` / ``threshold``): True on the block pairs the
-    selector keeps at run time; it has no static dense mask, bounds or predicate."""
+    """Data-dependent block selection (``topk`` / ``threshold``, and ``vertical_slash`` registered
+    in :mod:`attncc.ir.masks.vertical_slash`): True on the block pairs the selector keeps at run
+    time; it has no static dense mask, bounds or predicate."""
 
-    method: str  # a registered selector key: "topk" | "threshold"
+    method: str  # a registered selector key: "topk" | "threshold" | "vertical_slash"
     params: tuple[tuple[str, Any], ...]
     kind: ClassVar[str] = "selector"
     dynamic: ClassVar[bool] = True
