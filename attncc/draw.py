@@ -1,5 +1,5 @@
-"""Block-map pictures: the RGB arrays of a plan's block map and the PNG that draws them
-(``attncc explain --png``).
+"""Block-map pictures: the RGB arrays of a plan's block map (static, or under a measured selection)
+and the PNG that draws them (``attncc explain --png``, ``Report.draw``).
 
 Colours: white empty blocks, orange partial blocks (allowed tokens darker when the map is small
 enough to draw tokens), blue full blocks."""
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attncc.codegen.selectors.layout import dense_selected_mask, layout
 from attncc.ir import masks as M
 from attncc.ir.blocks import EMPTY, FULL, PARTIAL, classify
 from attncc.ir.plan import AttentionPlan
@@ -69,6 +70,20 @@ def static_image(plan: AttentionPlan, program: int) -> tuple[torch.Tensor, torch
         allowed = M.dense(mask, q_len, kv_len, heads=[head], q_offset=plan.q_offset)[0]
         if order is not None:
             allowed = allowed[order][:, order]
+    return image(plan, labels, allowed), labels
+
+
+def selected_image(plan: AttentionPlan, selected: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image, labels)`` of one head of a data-dependent plan under the selection ``selected
+    [H, nq, nk]`` (kernel blocks) one call made: the blocks of the mask where selected, of the
+    rest of the program elsewhere, as the kernels ran them."""
+    lay = layout(plan)
+    program = plan.head_to_program[head]
+    sel = selected[head].cpu()
+    labels = torch.where(sel, lay.labels_sel[program], lay.labels_not[program])
+    allowed = None
+    if extent(plan) is None:
+        allowed = dense_selected_mask(plan, selected[None].cpu())[0, head]
     return image(plan, labels, allowed), labels
 
 
