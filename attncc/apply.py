@@ -5,8 +5,9 @@ attention to attncc's kernels in eager mode, through the model's own hooks, with
 Diffusers models (attention modules holding a ``processor``): while each attention module runs, a
 torch-function mode sends its ``scaled_dot_product_attention`` calls (diffusers' native backend)
 to attncc's op when a rule binds the module (path, layer = the number in the path), keeping the
-call's mask tensor and ``is_causal``; other calls run as written. The rest of this docstring is
-about transformers models.
+call's mask tensor and ``is_causal``; other calls run as written. Under ``torch.compile`` Dynamo
+traces the hooks and the mode; each call's binding is a constant of the graph (no graph break).
+The rest of this docstring is about transformers models.
 
 The model's attention implementation becomes a registered ``AttentionInterface`` function
 (``attncc-<n>``) with an ``AttentionMaskInterface`` mask function under the same name. The mask
@@ -328,16 +329,22 @@ class _SdpaInterceptor(torch.overrides.TorchFunctionMode):
     """Inside one attention module's forward: its ``F.scaled_dot_product_attention`` calls go to
     attncc's op when a rule binds them, and run as written otherwise."""
 
-    def __init__(self, state: _ModuleState, module: torch.nn.Module, path: str):
+    def __init__(self, state: _ModuleState, path: str):
         super().__init__()
-        self.state, self.module, self.path = state, module, path
+        self.state, self.path = state, path
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention:
-            out = _sdpa_site(self.state, self.module, self.path, *args, **kwargs)
+            out = _sdpa_site(self.state, self.path, *args, **kwargs)
             if out is not None:
                 return out
+        elif getattr(func, "__module__", None) == "torch._tensor" and args and isinstance(args[0], torch.Tensor):
+            # a Tensor method written in Python (unflatten, split, ...): called again as a method,
+            # with this mode off now, it is the same call; calling the function object instead
+            # makes Dynamo trace its body, whose ``super()`` call it cannot trace (a graph break
+            # that skips the whole frame of a loop over blocks)
+            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
         return func(*args, **kwargs)
 
 
@@ -361,7 +368,6 @@ class _ModuleState:
 
 def _sdpa_site(
     state: _ModuleState,
-    module,
     path: str,
     query,
     key,
@@ -374,13 +380,9 @@ def _sdpa_site(
 ):
     """The attncc op's output for one SDPA call of a diffusers attention, or None to run it as
     the model wrote it (no rule matches, or a refusal that is logged)."""
-    if dropout_p:
-        _refuse(state, path, f"attention dropout {dropout_p}")
-        return None
-    if query.dim() != 4 or key.dim() != 4 or (key.shape[1] != query.shape[1] and not enable_gqa):
-        _refuse(state, path, f"SDPA operands {tuple(query.shape)} / {tuple(key.shape)} are not [B, H, S, D] heads")
-        return None
-    plan_key = _module_plan(state, module, path, query, key, value, attn_mask, is_causal, scale)
+    mask_dtype = None if attn_mask is None else attn_mask.dtype
+    shapes = (tuple(query.shape), tuple(key.shape), tuple(value.shape))
+    plan_key = _module_plan(state, path, *shapes, query.dtype, mask_dtype, dropout_p, is_causal, scale, enable_gqa)
     if plan_key is None:
         return None
     mask = attn_mask
@@ -390,19 +392,43 @@ def _sdpa_site(
     return out
 
 
-@torch.compiler.disable
-def _module_plan(state: _ModuleState, module, path, query, key, value, attn_mask, is_causal, scale) -> str | None:
-    b, h, q_len, d = query.shape
-    kv_len = key.shape[2]
+# a function of the call's shapes, dtypes and flags only: under torch.compile it runs once while
+# Dynamo traces (the graph guards on those shapes) and its key is a constant of the graph, so
+# binding neither breaks the graph nor runs again per call
+@torch._dynamo.assume_constant_result
+def _module_plan(
+    state: _ModuleState,
+    path: str,
+    q_shape: tuple,
+    k_shape: tuple,
+    v_shape: tuple,
+    dtype: torch.dtype,
+    mask_dtype: torch.dtype | None,
+    dropout_p: float,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+) -> str | None:
+    """The plan key of one SDPA call (None: it runs as written; refusals are logged, raised under
+    ``strict``)."""
+    if dropout_p:
+        _refuse(state, path, f"attention dropout {dropout_p}")
+        return None
+    if len(q_shape) != 4 or len(k_shape) != 4 or (k_shape[1] != q_shape[1] and not enable_gqa):
+        _refuse(state, path, f"SDPA operands {q_shape} / {k_shape} are not [B, H, S, D] heads")
+        return None
+    b, h, q_len, d = q_shape
+    kv_len = k_shape[2]
     layer = layer_of(path) or 0
     kind: Literal["bool", "additive"] | None = None
-    if attn_mask is not None:
-        kind = "bool" if attn_mask.dtype == torch.bool else "additive"
+    if mask_dtype is not None:
+        kind = "bool" if mask_dtype == torch.bool else "additive"
     where: Literal["start", "unknown"] = "start" if (q_len == kv_len or is_causal) else "unknown"
-    site_key = (path, b, h, key.shape[1], q_len, kv_len, d, value.shape[-1], str(query.dtype), scale, kind, is_causal)
-    return _bound_plan(
-        state, site_key, path, layer, query, key, value, scale, M.Causal() if is_causal else M.Full(), kind, 0, where
-    )
+    site_key = (path, b, h, k_shape[1], q_len, kv_len, d, v_shape[-1], str(dtype), scale, kind, is_causal)
+    # _bound_plan reads the operands' shapes and dtype only
+    query, key, value = (torch.empty(s, dtype=dtype, device="meta") for s in (q_shape, k_shape, v_shape))
+    model_mask = M.Causal() if is_causal else M.Full()
+    return _bound_plan(state, site_key, path, layer, query, key, value, scale, model_mask, kind, 0, where)
 
 
 def _attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
@@ -431,7 +457,7 @@ def _apply_modules(model: torch.nn.Module, spec, executor: str, strict: bool):
     for path, module in sites:
 
         def enter(mod, args, path=path):
-            mode = _SdpaInterceptor(state, mod, path)
+            mode = _SdpaInterceptor(state, path)
             mode.__enter__()
             state.modes.append(mode)
 

@@ -7,22 +7,14 @@ import json
 import pathlib
 import sys
 
-import torch
-
+from attncc import draw
 from attncc.codegen.dump import write_kernels
 from attncc.codegen.files import write_file
 from attncc.importers import PatternError, duo_spec, minference_spec, xattention_spec
-from attncc.ir import masks as M
-from attncc.ir.blocks import EMPTY, FULL, PARTIAL, classify
 from attncc.ir.dtypes import DTYPES, SPELLINGS
 from attncc.ir.plan import AttentionPlan, PlanDensity, plan_density, ranges
 from attncc.ir.selection import selectors_of
 from attncc.spec import SiteShape, SpecError, json_schema, load_spec, plan_for
-
-#: token-level detail is drawn in --png pictures up to this many (q, kv) pairs
-_PNG_TOKEN_PAIRS = 1024 * 1024
-#: at most this many block maps in one picture
-_PNG_PANELS = 8
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -107,13 +99,7 @@ def _explain(args: argparse.Namespace) -> int:
 
 
 def _draw(path: str, layers_of: dict[AttentionPlan, list[int]]) -> None:
-    """One block map per distinct mask program, in kernel (permuted) order: white empty, orange
-    partial (allowed tokens darker when small enough to see), blue full."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """One block map per distinct mask program, in kernel (permuted) order."""
     # the distinct (program, blocks, permutation) panels, with the layers and heads drawing them
     panels: dict[tuple, tuple[AttentionPlan, int, set[int], set[int]]] = {}
     for plan, layers in layers_of.items():
@@ -122,52 +108,15 @@ def _draw(path: str, layers_of: dict[AttentionPlan, list[int]]) -> None:
             entry = panels.setdefault(key, (plan, i, set(), set()))
             entry[2].update(layers)
             entry[3].update(plan.heads_of(i))
-    chosen = list(panels.values())[:_PNG_PANELS]
-    cols = min(len(chosen), 4)
-    rows = -(-len(chosen) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (plan, i, layer_set, heads) in zip(axes.flat, chosen):
-        ax.imshow(_block_image(plan, i), interpolation="nearest", extent=_extent(plan))
-        ax.axis("on")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        title = (
-            f"layers {ranges(sorted(layer_set))}, heads {ranges(sorted(heads))}\n{_shorten(str(plan.programs[i]), 44)}"
-        )
+    drawn = []
+    for plan, i, layer_set, heads in list(panels.values())[: draw.PANELS]:
+        title = f"layers {ranges(sorted(layer_set))}, heads {ranges(sorted(heads))}\n"
+        title += draw.shorten(str(plan.programs[i]), 44)
         if plan.permute is not None:
             title += "\n(tiled order)"
-        ax.set_title(title, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def _extent(plan: AttentionPlan) -> tuple[int, int, int, int] | None:
-    return None if plan.q_len * plan.kv_len <= _PNG_TOKEN_PAIRS else (0, plan.kv_len, plan.q_len, 0)
-
-
-def _block_image(plan: AttentionPlan, program: int):
-    """The RGB picture of one program's block map (token-level detail for small sequences)."""
-    colors = {EMPTY: (1.0, 1.0, 1.0), PARTIAL: (0.99, 0.82, 0.6), FULL: (0.25, 0.45, 0.8)}
-    palette = torch.tensor([colors[c] for c in (EMPTY, PARTIAL, FULL)])
-    mask, head, order = plan.programs[program], plan.program_heads()[program], plan.order()
-    q_len, kv_len = plan.q_len, plan.kv_len
-    labels = classify(mask, q_len, kv_len, plan.block_q, plan.block_kv, head, order, order, plan.q_offset)
-    if _extent(plan) is not None:
-        return palette[labels.long()].numpy()
-    tokens = labels.repeat_interleave(plan.block_q, 0).repeat_interleave(plan.block_kv, 1)[:q_len, :kv_len]
-    image = palette[tokens.long()]
-    allowed = M.dense(mask, q_len, kv_len, heads=[head], q_offset=plan.q_offset)[0]
-    if order is not None:
-        allowed = allowed[order][:, order]
-    image[(tokens == PARTIAL) & allowed] = torch.tensor((0.85, 0.4, 0.05))
-    return image.numpy()
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 3] + "..."
+        img, labels = draw.static_image(plan, i)
+        drawn.append(draw.Panel(img, labels, title, draw.extent(plan)))
+    draw.save(path, drawn)
 
 
 def _schema(args: argparse.Namespace) -> int:

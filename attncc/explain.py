@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from attncc import draw
 from attncc.backend import Options, run_pipeline
 from attncc.codegen import executors
 from attncc.codegen.forward.generate import kernel_name
 from attncc.codegen.selectors.layout import dense_selected_mask
-from attncc.ir.plan import AttentionPlan, plan_density
+from attncc.ir.plan import AttentionPlan, plan_density, ranges
 from attncc.passes.bind import Bind
 from attncc.passes.graph import val
 
@@ -49,6 +50,9 @@ class SiteInfo:
     fx_nodes: list[str] = field(default_factory=list)
     plan: AttentionPlan | None = None
     notes: list[str] = field(default_factory=list)
+    #: the blocks a data-dependent site's call selected on the given inputs, ``[B, H, nq, nk]``
+    #: kernel blocks (None when not measured)
+    selected: torch.Tensor | None = None
 
 
 @dataclass
@@ -105,6 +109,57 @@ class Report:
         lines += [f"not rewritten: {s}" for s in self.skipped]
         return "\n".join(lines)
 
+    def panels(self, batch: int = 0) -> list[draw.Panel]:
+        """The block maps :meth:`draw` draws, per bound site and head (heads with the same map
+        share a panel): a data-dependent site's blocks under the selection measured on the given
+        inputs (sequence ``batch`` of the batch), a static site's block map. ValueError when a
+        data-dependent site was not measured (``explain(..., measure=False)``)."""
+        out: list[draw.Panel] = []
+        for i, s in enumerate(self.sites):
+            plan = s.plan
+            if plan is None:
+                continue
+            where = f"#{i} {s.module or '<top>'} layer {s.layer}"
+            if plan.is_dynamic:
+                if s.selected is None:
+                    raise ValueError(
+                        f"site {where} selects its blocks from the data and its selection was not measured: "
+                        "run attncc.explain(model, *inputs, spec=...) with measure=True (the default) to draw it"
+                    )
+                maps = [draw.selected_image(plan, s.selected[batch], h) for h in range(plan.num_heads)]
+                groups: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
+                for h, (img, labels) in enumerate(maps):
+                    same = next((g for g in groups if torch.equal(g[1], img)), None)
+                    if same is None:
+                        groups.append(([h], img, labels))
+                    else:
+                        same[0].append(h)
+                for heads, img, labels in groups:
+                    title = f"{where}, heads {ranges(heads)}\nmeasured selection ({s.rule})"
+                    out.append(draw.Panel(img, labels, title, draw.extent(plan)))
+                continue
+            for p in range(len(plan.programs)):
+                img, labels = draw.static_image(plan, p)
+                title = f"{where}, heads {ranges(plan.heads_of(p))}\n{draw.shorten(str(plan.programs[p]), 44)}"
+                if plan.permute is not None:
+                    title += "\n(tiled order)"
+                if s.runtime_mask:
+                    title += f"\n(+ {s.runtime_mask} mask tensor, not drawn)"
+                out.append(draw.Panel(img, labels, title, draw.extent(plan)))
+        return out
+
+    def draw(self, path: str, batch: int = 0) -> None:
+        """Write the PNG ``path`` of :meth:`panels` (the first :data:`attncc.draw.PANELS`). Needs
+        matplotlib."""
+        panels = self.panels(batch)
+        if not panels:
+            raise ValueError("no attention site is bound to a rule: there is no block map to draw")
+        note = None if len(panels) <= draw.PANELS else f"the first {draw.PANELS} of {len(panels)} block maps"
+        try:
+            draw.save(path, panels, note)
+        except ImportError as e:
+            raise ImportError(f"Report.draw needs matplotlib ({e}); pip install matplotlib") from e
+
 
 def _density_text(d: list[float]) -> str:
     if len(set(d)) == 1:
@@ -112,11 +167,14 @@ def _density_text(d: list[float]) -> str:
     return "/".join(f"{x:.2f}" for x in d)
 
 
-def explain(model: Any, *args: Any, spec: Any = None, measure: bool = True, **kwargs: Any) -> Report:
+def explain(
+    model: Any, *args: Any, spec: Any = None, measure: bool = True, png: str | None = None, **kwargs: Any
+) -> Report:
     """Trace ``model(*args, **kwargs)`` with Dynamo, detect and bind every attention (no rewrite)
     and report it. Sites whose density depends on the inputs (data-dependent selection, run-time
     mask tensors) are measured by running the model once on these inputs (``measure``); every
-    other density is the structural one, and no attention is computed for it."""
+    other density is the structural one, and no attention is computed for it. ``png``: also draw
+    the block maps there (:meth:`Report.draw`)."""
     # a dry run: no dump folder (even with ATTNCC_DUMP_DIR set) and no counters
     opts = Options.parse({"spec": spec, "dump_dir": None} if spec is not None else {"dump_dir": None})
     sites: list[SiteInfo] = []
@@ -173,10 +231,13 @@ def explain(model: Any, *args: Any, spec: Any = None, measure: bool = True, **kw
             calls = measured.get((s.plan.name, s.plan.rule, s.plan.q_len, s.plan.kv_len))
             got = calls.pop(0) if calls else None
             if got is not None:
-                s.density = got
+                s.density, s.selected = got
                 what = "selection" if s.plan.is_dynamic else "mask tensor"
                 s.notes.append(f"density measured on the given inputs (the {what} of this call)")
-    return Report(sites, skipped, graphs)
+    report = Report(sites, skipped, graphs)
+    if png is not None:
+        report.draw(png)
+    return report
 
 
 def allowed_fraction(plan: AttentionPlan, mask: torch.Tensor | None, selected: torch.Tensor | None) -> list[float]:
@@ -191,16 +252,19 @@ def allowed_fraction(plan: AttentionPlan, mask: torch.Tensor | None, selected: t
     return [float(x) for x in allowed.float().mean(dim=(0, 2, 3)).tolist()]
 
 
-def measure_densities(model: Any, args: tuple, kwargs: dict, spec: Any) -> dict[tuple, list[list[float]]]:
+def measure_densities(
+    model: Any, args: tuple, kwargs: dict, spec: Any
+) -> dict[tuple, list[tuple[list[float], torch.Tensor | None]]]:
     """Run ``model(*args, **kwargs)`` once compiled by attncc with ``spec`` (no dump) and record,
     per site key (module, rule, lengths), in call order, the per-head fraction of pairs each call
-    allowed."""
-    seen: dict[tuple, list[list[float]]] = {}
+    allowed and the blocks it selected (a copy on the CPU; None for a static plan)."""
+    seen: dict[tuple, list[tuple[list[float], torch.Tensor | None]]] = {}
 
     def observe(plan: AttentionPlan, mask: torch.Tensor | None, selected: torch.Tensor | None) -> None:
         if plan.is_dynamic or mask is not None:
             key = (plan.name, plan.rule, plan.q_len, plan.kv_len)
-            seen.setdefault(key, []).append(allowed_fraction(plan, mask, selected))
+            kept = selected.detach().to("cpu", copy=True) if selected is not None else None
+            seen.setdefault(key, []).append((allowed_fraction(plan, mask, selected), kept))
 
     torch._dynamo.reset()
     try:

@@ -231,6 +231,32 @@ def test_flux_transformer_equals_explicit_masks():
     assert torch.equal(again, plain)  # undone: the model's own attention, exactly
 
 
+@pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_of_an_applied_flux_transformer(backend):
+    """The applied diffusers model compiles into one graph: binding runs once while Dynamo traces
+    (the plan key is a constant of the graph), no graph break, no recompile on the next call;
+    the output is the applied eager model's and the explicit-mask reference's."""
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    model, inputs = flux()
+    spec = {"attncc": 1, "block_size": 16, "rules": [{"mask": {"window": {"before": 5, "after": 7}}}]}
+    with torch.no_grad():
+        with ExplicitMask(5, 7):
+            want = model(**inputs).sample
+        attncc.apply(model, spec=spec)
+        eager = model(**inputs).sample
+        dynamo_counters.clear()
+        compiled = torch.compile(model, backend=backend)
+        got = compiled(**inputs).sample
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            again = compiled(**inputs).sample
+    assert not dynamo_counters["graph_break"], dict(dynamo_counters["graph_break"])
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(got, eager, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(again, got)
+
+
 def test_flux_rule_for_one_block_type_only():
     """``where.module`` selects the double-stream blocks; the single-stream ones run as written."""
     model, inputs = flux()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -88,3 +89,88 @@ def test_explain_measures_a_padding_mask():
     window = (q - 4 <= k) & (k <= q + 4)  # docs/spec.md: window before/after
     want = (window[None] & keep[:, None, :]).float().mean().item()
     assert site.density is not None and all(abs(d - want) < 1e-6 for d in site.density)
+
+
+TOPK = {"attncc": 1, "block_size": 16, "rules": [{"mask": {"all": ["causal", {"topk": {"k": 1, "block": 16}}]}}]}
+
+
+def _allowed_pixels(image: torch.Tensor) -> torch.Tensor:
+    """The tokens a token-level picture shows as allowed: full blocks, and the dark tokens of
+    partial ones."""
+    from attncc import draw
+
+    return (image == torch.tensor(draw.FULL_RGB)).all(-1) | (image == torch.tensor(draw.ALLOWED_RGB)).all(-1)
+
+
+def test_explain_draws_the_selection_the_kernels_used(tmp_path):
+    from attncc.codegen import executors
+
+    torch.manual_seed(0)
+    model, x = TwoLayers(), torch.randn(1, 64, 16)
+    # the blocks the kernels select for this input, recorded on a run of their own
+    used = []
+    torch._dynamo.reset()
+    with executors.observing(lambda plan, mask, sel: used.append(sel.clone())), torch.no_grad():
+        torch.compile(model, backend="attncc", options={"spec": TOPK, "dump_dir": None}, dynamic=False)(x)
+    torch._dynamo.reset()
+    assert len(used) == 2
+    # layer 0's selection recomputed from docs/dynamic.md: among the causal blocks j <= i, the
+    # highest mean query block . mean key block (GQA: query head h reads kv head h // 2)
+    with torch.no_grad():
+        q = model.layers[0](x).view(1, 64, 4, 4).transpose(1, 2)[0]
+    qm, km = q.view(4, 4, 16, 4).mean(2), q[:2].view(2, 4, 16, 4).mean(2)
+    logits = torch.einsum("hid,hjd->hij", qm, km.repeat_interleave(2, 0))
+    logits = logits.masked_fill(~torch.ones(4, 4, dtype=torch.bool).tril(), float("-inf"))
+    want0 = torch.nn.functional.one_hot(logits.argmax(-1), 4).bool()
+    assert torch.equal(used[0][0], want0)
+
+    png = tmp_path / "selection.png"
+    report = attncc.explain(model, x, spec=TOPK, png=str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    panels = report.panels()
+    causal = torch.ones(64, 64, dtype=torch.bool).tril()
+    for site, sel in zip(report.sites, used):
+        mine = [p for p in panels if p.title.startswith(f"#{report.sites.index(site)} ")]
+        drawn = {}
+        for p in mine:
+            heads = p.title.split("heads ")[1].split("\n")[0]
+            for h in _heads(heads):
+                drawn[h] = p
+        assert sorted(drawn) == [0, 1, 2, 3]
+        for h, p in drawn.items():
+            # the picture's allowed tokens: the selected blocks, within causal
+            tokens = sel[0, h].repeat_interleave(16, 0).repeat_interleave(16, 1)
+            assert torch.equal(_allowed_pixels(p.image), tokens & causal), (site.layer, h)
+            # ... whose fraction is the density explain reports for that head
+            assert abs(_allowed_pixels(p.image).float().mean().item() - site.density[h]) < 1e-6
+            assert "measured selection" in p.title
+
+
+def _heads(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def test_drawing_needs_a_measured_selection(tmp_path, monkeypatch):
+    import builtins
+
+    dry = attncc.explain(TwoLayers(), torch.randn(1, 64, 16), spec=TOPK, measure=False)
+    with pytest.raises(ValueError, match="measure=True"):
+        dry.draw(str(tmp_path / "x.png"))
+    # a static spec draws without measuring (its block map is the same for every input)
+    static = attncc.explain(TwoLayers(), torch.randn(1, 32, 16), spec={"attncc": 1, "rules": [{"mask": {"window": 4}}]})
+    assert [p.title.split(",")[0] for p in static.panels()] == ["#0 <top> layer 0", "#1 <top> layer 1"]
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ImportError, match="pip install matplotlib"):
+        static.draw(str(tmp_path / "y.png"))
+    assert not (tmp_path / "y.png").exists()
