@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from attncc.ir.documents import check_ids
 from attncc.ir.plan import AttentionPlan
 
 
@@ -19,7 +20,7 @@ def check_inputs(
     """ValueError unless q/k/v/mask fit the plan's layout contract: q ``[B, H, Sq, D]``, k/v
     ``[B, Hkv, Skv, D / Dv]``, all of the plan's dtype on one device; a mask tensor exactly when
     the plan has a ``mask_kind`` (bool, or additive in a float dtype), broadcasting to
-    ``[B, H, Sq, Skv]``."""
+    ``[B, H, Sq, Skv]``; for ``documents``, integer ids ``[B or 1, Skv]``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(
@@ -46,7 +47,9 @@ def check_inputs(
         raise ValueError(
             f"plan mask_kind is {plan.mask_kind!r} but the mask tensor is {'missing' if mask is None else 'given'}"
         )
-    if mask is not None:
+    if mask is not None and plan.mask_kind == "documents":
+        check_ids(mask, b, plan.kv_len, plan.q_len, plan.q_offset, q.device)
+    elif mask is not None:
         if (mask.dtype == torch.bool) != (plan.mask_kind == "bool"):
             raise ValueError(f"mask tensor dtype {mask.dtype} does not match plan mask_kind {plan.mask_kind!r}")
         if mask.device != q.device:
@@ -82,7 +85,9 @@ def example_inputs(plan: AttentionPlan, batch: int = 1) -> dict[str, torch.Tenso
     dt = plan.torch_dtype
     h, hkv, sq, skv = plan.num_heads, plan.num_kv_heads, plan.q_len, plan.kv_len
     mask = None
-    if plan.mask_kind is not None:
+    if plan.mask_kind == "documents":
+        mask = torch.zeros(batch, skv, dtype=torch.int32)
+    elif plan.mask_kind is not None:
         mask = torch.empty(batch, 1, sq, skv, dtype=torch.bool if plan.mask_kind == "bool" else dt)
     return {
         "q": torch.empty(batch, h, sq, plan.head_dim, dtype=dt),

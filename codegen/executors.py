@@ -17,6 +17,7 @@ tables; the others select with the torch reference and attend under a selection 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from attncc.codegen.nonfinite import with_nonfinite_keys
 from attncc.codegen.selectors import run as selectors
 from attncc.codegen.selectors.layout import selection_shape
 from attncc.codegen.torch_exec import attention_torch_backward, attention_torch_forward
+from attncc.ir.documents import same_document
 from attncc.ir.plan import AttentionPlan
 
 Tensor = torch.Tensor
@@ -88,6 +90,20 @@ def _dense_score_mods(fast: Callable, dense: Callable) -> Callable:
     return run
 
 
+def _documents_as_bool(fn: Callable) -> Callable:
+    """``fn`` (a CPU path that takes bool mask tensors) for plans over packed documents: their ids
+    become the bool mask ``[B, 1, Sq, Skv]`` they define (S x S: the CPU path only)."""
+
+    @functools.wraps(fn)
+    def run(plan: AttentionPlan, *args):
+        if plan.mask_kind != "documents":
+            return fn(plan, *args)
+        *rest, ids = args
+        return fn(dataclasses.replace(plan, mask_kind="bool"), *rest, same_document(ids, plan.q_len, plan.q_offset))
+
+    return run
+
+
 EXECUTORS: dict[str, Executor] = {
     e.name: e
     for e in (
@@ -97,10 +113,12 @@ EXECUTORS: dict[str, Executor] = {
             "torch",
             "cpu",
             None,
-            _dense_score_mods(functools.partial(with_nonfinite_keys, attention_torch_forward), attention_reference),
-            _dense_score_mods(attention_torch_backward, _reference_backward),
+            _documents_as_bool(
+                _dense_score_mods(functools.partial(with_nonfinite_keys, attention_torch_forward), attention_reference)
+            ),
+            _documents_as_bool(_dense_score_mods(attention_torch_backward, _reference_backward)),
             "the block-sparse CPU path over ATen's fused attention (dense for soft-capped or ALiBi scores)",
-            _dense_score_mods(decode_torch_forward, attention_reference),
+            _documents_as_bool(_dense_score_mods(decode_torch_forward, attention_reference)),
         ),
         Executor("reference", None, None, attention_reference, _reference_backward, "the exact dense attention"),
     )

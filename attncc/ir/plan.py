@@ -17,7 +17,9 @@ from attncc.ir.dtypes import DTYPES, DTypeName
 from attncc.ir.permute import TilePermutation
 from attncc.ir.score_mod import ScoreMod
 
-MaskKind = Literal["bool", "additive"]
+#: the model's run-time mask: a bool or additive tensor broadcasting to [B, H, Sq, Skv], or the
+#: document id of every key position, [B, Skv] (:mod:`attncc.ir.documents`)
+MaskKind = Literal["bool", "additive", "documents"]
 #: where the queries sit among the keys: ``start`` (query i at ``q_offset + i``; 0 for prefill and
 #: encoders), ``end`` (at ``kv_len - q_len + i``: new keys appended to a cache) or ``given`` (at
 #: consecutive positions each call passes, from ``q_offset``: keys written into a cache at
@@ -68,8 +70,8 @@ class AttentionPlan:
             raise ValueError(f"head_to_program has {len(self.head_to_program)} entries for {self.num_heads} heads")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if self.mask_kind not in (None, "bool", "additive"):
-            raise ValueError(f"mask_kind {self.mask_kind!r} is not None, 'bool' or 'additive'")
+        if self.mask_kind not in (None, "bool", "additive", "documents"):
+            raise ValueError(f"mask_kind {self.mask_kind!r} is not None, 'bool', 'additive' or 'documents'")
         if self.q_positions not in ("start", "end", "given"):
             raise ValueError(f"q_positions {self.q_positions!r} is not 'start', 'end' or 'given'")
         if self.q_positions == "end":
@@ -91,6 +93,10 @@ class AttentionPlan:
                 index.append(seen[key])
             object.__setattr__(self, "programs", tuple(programs))
             object.__setattr__(self, "head_to_program", tuple(index))
+        if self.mask_kind == "documents" and self.is_dynamic:
+            raise ValueError("data-dependent block selection does not run over packed documents")
+        if self.mask_kind == "documents" and (self.permute is not None or self.runtime_key_order):
+            raise ValueError("documents are read in model order: a plan with documents takes no permutation")
         if self.permute is not None and self.runtime_key_order:
             raise ValueError("a plan has either a static permutation or a run-time key order, not both")
         if self.permute is not None:
@@ -214,7 +220,8 @@ class AttentionPlan:
         the dtype, a run-time key order and the score modification. Everything else (lengths, the
         query offset, head dims, block sizes, the permutation, the model's mask tensor) reaches a
         kernel at launch, so plans differing only there share one compiled module."""
-        return (self.programs, self.head_to_program, self.dtype, self.runtime_key_order, self.score_mod)
+        documents = self.mask_kind == "documents"
+        return (self.programs, self.head_to_program, self.dtype, self.runtime_key_order, self.score_mod, documents)
 
     def describe_kernel(self) -> str:
         """The part of :meth:`describe` a kernel source depends on (:meth:`kernel_key`)."""
@@ -223,6 +230,8 @@ class AttentionPlan:
         ]
         if self.score_mod is not None:
             lines.append(f"scores modified: {self.score_mod}")
+        if self.mask_kind == "documents":
+            lines.append("documents: a key is seen only from its own document (ids per key position at launch)")
         for i, p in enumerate(self.programs):
             lines.append(f"program {i} heads {ranges(self.heads_of(i))}: {p}")
         lines.append("lengths, offsets, head dims, block sizes, permutation and mask tensor: launch arguments")

@@ -318,6 +318,28 @@ _P_RETURN = "    return tl.exp(qk - lse[:, None])\n"
 _DS = "    ds = p * (dp - delta[:, None])  # [BM, BN]\n"
 
 
+#: the model's mask tensor in ``_probabilities`` ...
+_MASK_TENSOR_STEP = """\
+    if HAS_MASK_TENSOR:
+        m_ptr = (MaskT + off_b * stride_mb + off_h * stride_mh
+                 + q_rows[:, None] * stride_mm + kv_rows[None, :] * stride_mn)  # [BM, BN]
+        m_val = tl.load(m_ptr, mask=q_ok[:, None] & kv_ok[None, :], other=0)
+        if MASK_IS_BOOL:
+            allowed = allowed & (m_val != 0)
+        else:
+            qk = qk + m_val.to(tl.float32)
+"""
+#: ... and for packed documents (MaskT: the document id of every key position)
+_DOCUMENTS_STEP = """\
+    if HAS_MASK_TENSOR:
+        # packed documents: a query sees only the keys of its own document
+        doc_q = tl.load(MaskT + off_b * stride_mb + (q_rows[:, None] + Q_OFFSET) * stride_mm,
+                        mask=q_ok[:, None], other=-1)  # [BM, 1]
+        doc_k = tl.load(MaskT + off_b * stride_mb + kv_rows[None, :] * stride_mn, mask=kv_ok[None, :], other=-2)
+        allowed = allowed & (doc_q == doc_k)  # [BM, BN]
+"""
+
+
 def _with_score_mod(plan: AttentionPlan, helpers: str, steps: list[str]) -> tuple[str, list[str]]:
     """The helpers and steps with the plan's score modification: P recomputed from the modified
     scores and, under soft-capping, dS taken through the cap's derivative (1 - tanh^2)."""
@@ -370,6 +392,9 @@ def backward_source(plan: AttentionPlan) -> str:
         parts.append("\n" + plan.score_mod.triton_source(with_grad=plan.score_mod.softcap is not None))
     parts.append(_PREPROCESS.replace("{name}", names["preprocess"]))
     helpers, (dkdv_step, dq_step) = _with_score_mod(plan, _HELPERS, [_DKDV_STEP, _DQ_STEP])
+    if plan.mask_kind == "documents":
+        assert helpers.count(_MASK_TENSOR_STEP) == 1
+        helpers = helpers.replace(_MASK_TENSOR_STEP, _DOCUMENTS_STEP)
     parts.append(helpers)
     parts.append(dkdv_step.replace("{name}", f"{p}_bwd_dkdv_step"))
     parts.append(_kernel(_DKDV, _DKDV_LOOP, names["dkdv"], f"{p}_bwd_dkdv_step", "DK, DV"))

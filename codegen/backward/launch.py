@@ -8,6 +8,7 @@ run-time mask tensor, permutation, ``q_offset``) and gives rows with no allowed 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from attncc.codegen.backward.generate import kernel_names
 from attncc.codegen.cache import BACKWARD, KernelCache, default_cache
 from attncc.codegen.common import example_inputs, mask_argument, next_pow2, shape_text
 from attncc.codegen.configs import BackwardConfig, TileConfig, at_tiles, backward_config, cuda_arch
+from attncc.codegen.documents import document_argument, document_table
 from attncc.ir.blocks import BlockTable
 from attncc.ir.dtypes import dtype_name
 from attncc.ir.plan import AttentionPlan
@@ -211,11 +213,25 @@ def attention_bwd(
         config = backward_config(plan, arch if target == "cuda" else None, dtype_name(q.dtype))
     tables = _role_tables(plan, dev, config)
     bsz, h, hkv = q.shape[0], plan.num_heads, plan.num_kv_heads
+    if plan.mask_kind == "documents":
+        assert mask_tensor is not None
+        if bsz > 1:
+            return _documents_bwd(plan, q, k, v, out, lse, dout, mask_tensor, target, grads, visits, cache, config)
+        # the tables of this batch element's documents, filtered on the device
+        row, length = mask_tensor[0], (plan.q_len, plan.q_offset, plan.kv_len)
+        tables = dataclasses.replace(
+            tables,
+            forward=document_table(tables.forward, row, *length),
+            transposed=document_table(tables.transposed, row, *length, transposed=True),
+        )
     q, k, v, out, dout = (_last_contiguous(t) for t in (q, k, v, out, dout))
     lse = lse.to(torch.float32).contiguous()
     dq, dk, dv = _grad_buffers(q, k, v, grads)
     shape = (bsz, plan.num_heads, plan.q_len, plan.kv_len)
-    mt, mask_strides = mask_argument(mask_tensor, shape, tables.order, torch.uint8)
+    if plan.mask_kind == "documents":
+        mt, mask_strides = document_argument(mask_tensor)
+    else:
+        mt, mask_strides = mask_argument(mask_tensor, shape, tables.order, torch.uint8)
     fwd, tr = tables.forward, tables.transposed
     count = visits is not None
     interpret = target == "interpret"
@@ -242,6 +258,36 @@ def attention_bwd(
     if visits is not None:
         for role, buf in (("dkdv", visit_dkdv), ("dq", visit_dq)):
             visits[role] = buf.view(bsz, h, consts[role]["NUM_Q_BLOCKS"], consts[role]["NUM_KV_BLOCKS"])
+    return dq, dk, dv
+
+
+def _documents_bwd(plan, q, k, v, out, lse, dout, ids, target, grads, visits, cache, config) -> Grads:
+    """Packed documents: each batch element with its own tables (their documents differ)."""
+    dq, dk, dv = _grad_buffers(q, k, v, grads)
+    per: dict[str, list[torch.Tensor]] = {"dkdv": [], "dq": []}
+    for i in range(q.shape[0]):
+        one = slice(i, i + 1)
+        seen: dict | None = {} if visits is not None else None
+        attention_bwd(
+            plan,
+            q[one],
+            k[one],
+            v[one],
+            out[one],
+            lse[one],
+            dout[one],
+            ids[i : i + 1] if ids.shape[0] > 1 else ids,
+            target=target,
+            grads=(dq[one], dk[one], dv[one]),
+            visits=seen,
+            cache=cache,
+            config=config,
+        )
+        if seen is not None:
+            for role in per:
+                per[role].append(seen[role])
+    if visits is not None:
+        visits.update({role: torch.cat(v_) for role, v_ in per.items()})
     return dq, dk, dv
 
 

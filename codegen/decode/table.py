@@ -40,6 +40,8 @@ def unsupported(plan: AttentionPlan) -> str | None:
         return "it selects blocks from the data at run time"
     if plan.permute is not None or plan.runtime_key_order:
         return "its tokens are permuted"
+    if plan.mask_kind == "documents":
+        return "it attends over packed documents (block tables per batch element)"
     if plan.q_len == 0 or plan.kv_len == 0:
         return "it has no queries or no keys"
     if plan.q_len > MAX_QUERIES:

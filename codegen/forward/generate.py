@@ -354,6 +354,28 @@ _SCORE_MOD_CALL = (
 )
 
 
+#: the model's mask tensor in ``_visit_kv_block`` ...
+_MASK_TENSOR_STEP = """\
+    if HAS_MASK_TENSOR:
+        m_ptrs = MaskTensor + off_b * stride_mb + off_h * stride_mh + q_idx[:, None] * stride_mq \\
+            + kv_idx[None, :] * stride_mk
+        model_mask = tl.load(m_ptrs, mask=q_valid[:, None] & kv_valid[None, :], other=0)  # [BM, BN]
+        if MASK_ADDITIVE:
+            s += model_mask.to(tl.float32) * LOG2E
+        else:
+            s = tl.where(model_mask != 0, s, float("-inf"))
+"""
+#: ... and for packed documents: MaskTensor holds the document id of every key position
+#: (stride_mb per batch, stride_mq = stride_mk per position); queries read it at their positions
+_DOCUMENTS_STEP = """\
+    if HAS_MASK_TENSOR:
+        # packed documents: a query sees only the keys of its own document
+        doc_q = tl.load(MaskTensor + off_b * stride_mb + q_pos * stride_mq, mask=q_valid[:, None], other=-1)  # [BM, 1]
+        doc_k = tl.load(MaskTensor + off_b * stride_mb + kv_idx[None, :] * stride_mk, mask=kv_valid[None, :], other=-2)
+        s = tl.where(doc_q == doc_k, s, float("-inf"))  # [BM, BN]
+"""
+
+
 def kernel_helpers(plan: AttentionPlan) -> str:
     """The mask predicate, the score modification, the tile loader and the online-softmax step
     ``_visit_kv_block``: the forward kernel's helpers, which the decode kernel calls unchanged
@@ -363,6 +385,9 @@ def kernel_helpers(plan: AttentionPlan) -> str:
     mod = plan.score_mod
     score_mod = "" if mod is None else mod.triton_source() + "\n\n"
     visit = _VISIT.format(dot_kwargs=dot_kwargs, score_mod="" if mod is None else _SCORE_MOD_CALL)
+    if plan.mask_kind == "documents":
+        assert visit.count(_MASK_TENSOR_STEP) == 1
+        visit = visit.replace(_MASK_TENSOR_STEP, _DOCUMENTS_STEP)
     return emit_mask_predicate(plan) + "\n\n" + score_mod + _LOAD_2D + visit
 
 

@@ -26,6 +26,7 @@ from attncc.codegen.configs import (
     tune_key,
     tuning_cache,
 )
+from attncc.codegen.documents import document_argument, document_table
 from attncc.codegen.forward.generate import kernel_constexprs
 from attncc.ir.blocks import BlockTable
 from attncc.ir.dtypes import dtype_name
@@ -241,6 +242,9 @@ def attention_fwd(
     cache = cache or default_cache()
     dev = q.device
     b, h = q.shape[0], plan.num_heads
+    if plan.mask_kind == "documents" and block_table is None:
+        assert mask_tensor is not None
+        return _documents_fwd(plan, q, k, v, mask_tensor, target, cache, out, lse, visits, config, arch)
     if out is None:
         out = torch.empty(b, h, plan.q_len, plan.head_dim_v, dtype=q.dtype, device=dev)
     if lse is None:
@@ -248,7 +252,13 @@ def attention_fwd(
     elif tuple(lse.shape) != (b, h, plan.q_len) or not lse.is_contiguous() or lse.dtype != torch.float32:
         raise ValueError("lse must be a contiguous fp32 [B, H, Sq] tensor")
     holders = _placeholders(dev)
-    mask, mask_strides = mask_argument(mask_tensor, (b, h, plan.q_len, plan.kv_len), holders[torch.int8], torch.int8)
+    if plan.mask_kind == "documents":
+        assert mask_tensor is not None
+        mask, mask_strides = document_argument(mask_tensor)
+    else:
+        mask, mask_strides = mask_argument(
+            mask_tensor, (b, h, plan.q_len, plan.kv_len), holders[torch.int8], torch.int8
+        )
     per_call: dict[str, object] = {
         "Q": q,
         "K": k,
@@ -280,6 +290,40 @@ def attention_fwd(
             candidates = forward_candidates(plan, sm, dtype)
             config = autotuned(key, candidates, launch, cuda_time_ms, tuning_cache(default_cache().root))
     launch(config)
+    return out, lse
+
+
+def _documents_fwd(plan, q, k, v, ids, target, cache, out, lse, visits, config, arch):
+    """Packed documents: per batch element, the plan's table at the kernel tiles filtered to the
+    block pairs whose documents meet (built on the device), then one launch over it."""
+    dev = q.device
+    b, h = q.shape[0], plan.num_heads
+    if config is None:
+        if target == "cuda" and arch is None and dev.type == "cuda":
+            arch = cuda_arch(dev)
+        config = forward_config(plan, arch if target == "cuda" else None, dtype_name(q.dtype))
+    static, _, _ = device_data(plan, dev, config)
+    if out is None:
+        out = torch.empty(b, h, plan.q_len, plan.head_dim_v, dtype=q.dtype, device=dev)
+    if lse is None:
+        lse = torch.empty(b, h, plan.q_len, dtype=torch.float32, device=dev)
+    for i in range(b):
+        row = ids[i if ids.shape[0] > 1 else 0]
+        table = document_table(static, row, plan.q_len, plan.q_offset, plan.kv_len)
+        attention_fwd(
+            plan,
+            q[i : i + 1],
+            k[i : i + 1],
+            v[i : i + 1],
+            row.unsqueeze(0),
+            target=target,
+            cache=cache,
+            out=out[i : i + 1],
+            lse=lse[i : i + 1],
+            visits=None if visits is None else visits[i * h : (i + 1) * h],
+            config=config,
+            block_table=table,
+        )
     return out, lse
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attncc.ir.documents import same_document
 from attncc.ir.plan import AttentionPlan
 
 
@@ -41,7 +42,9 @@ def dense_attention(
     if plan.score_mod is not None:
         scores = plan.score_mod.apply(scores, plan.q_offset)
     allowed = plan.dense_mask(q.device).unsqueeze(0)
-    if mask_tensor is not None:
+    if mask_tensor is not None and plan.mask_kind == "documents":
+        allowed = allowed & same_document(mask_tensor, plan.q_len, plan.q_offset)
+    elif mask_tensor is not None:
         if mask_tensor.dtype == torch.bool:
             allowed = allowed & mask_tensor
         else:
