@@ -258,6 +258,37 @@ def _bound_plan(
     return state.plans[site_key]
 
 
+def _closure(fn, name: str):
+    """The value ``fn`` closes over as ``name``."""
+    return fn.__closure__[fn.__code__.co_freevars.index(name)].cell_contents
+
+
+def _packed_documents(fn) -> tuple[Any, torch.Tensor] | None:
+    """``(base mask function, document ids [B, S])`` when ``fn`` is the mask transformers builds for
+    packed sequences (its ``create_causal_mask`` with packed ``position_ids``:
+    ``and_masks(remap_positions_for_packed_sequence(base, position_ids),
+    packed_sequence_mask_function(ids))``), else None. Within a document the packed positions
+    are consecutive, so ``base`` over them is ``base`` over token indices."""
+    names = (
+        "and_masks.<locals>.and_mask",
+        "remap_positions_for_packed_sequence.<locals>.inner_mask",
+        "packed_sequence_mask_function.<locals>.inner_mask",
+    )
+    try:
+        if getattr(fn, "__qualname__", None) != names[0] or fn.__module__ != "transformers.masking_utils":
+            return None
+        parts = _closure(fn, "mask_functions")
+        if len(parts) != 2 or tuple(getattr(f, "__qualname__", None) for f in parts) != names[1:]:
+            return None
+        remap, packed = parts
+        ids = _closure(packed, "packed_sequence_mask")
+        if not isinstance(ids, torch.Tensor):
+            return None
+        return _closure(remap, "mask_function"), ids
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None
+
+
 def _causal_mask_function():
     from transformers.masking_utils import causal_mask_function
 
@@ -289,6 +320,11 @@ def _site(
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     else:
         causal = kw.get("mask_function") is _causal_mask_function()
+    # packed sequences: transformers' causal mask within the documents of the packed position ids
+    packed = _packed_documents(kw.get("mask_function")) if mask is not None else None
+    documents = None
+    if packed is not None and packed[0] is _causal_mask_function() and kw.get("attention_mask") is None:
+        causal, documents = True, packed[1]
     # a plain causal mask is structure; anything else is the model's own mask tensor
     structural = mask is None or (causal and kw.get("attention_mask") is None)
     if kv_offset != 0:
@@ -303,9 +339,11 @@ def _site(
     layer = getattr(module, "layer_idx", None)
     layer = int(layer) if layer is not None else (layer_of(path) or 0)
     dims = (b, h, key.shape[1], q_len, kv_len, d, value.shape[-1], str(query.dtype), scaling, score_mod)
-    site_key = (path, layer, *dims, structural, causal, where)
+    site_key = (path, layer, *dims, structural, causal, where, documents is not None)
     model_mask = M.Causal() if structural and causal else M.Full()
-    kind: Literal["bool"] | None = None if structural else "bool"
+    kind: Literal["bool", "documents"] | None = None if structural else "bool"
+    if documents is not None:
+        kind = "documents"
     plan_key = _bound_plan(
         state, site_key, path, layer, query, key, value, scaling, model_mask, kind, q_offset, where, score_mod
     )
@@ -313,6 +351,11 @@ def _site(
         return None
     positions = torch.arange(q_offset, q_offset + q_len) if where == "given" else None
     tensor = None
+    if documents is not None:
+        if tuple(documents.shape[-1:]) != (kv_len,) or q_len != kv_len:
+            _refuse(state, path, "packed document ids that do not cover the keys")
+            return None
+        return plan_key, documents.expand(b, kv_len), positions
     if not structural:
         assert mask is not None
         # the model's mask exactly as its sdpa mask function builds it, never skipped to None

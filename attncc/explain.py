@@ -16,6 +16,7 @@ from attncc.backend import Options, run_pipeline
 from attncc.codegen import executors
 from attncc.codegen.forward.generate import kernel_name
 from attncc.codegen.selectors.layout import dense_selected_mask
+from attncc.ir.documents import same_document
 from attncc.ir.plan import AttentionPlan, plan_density, ranges
 from attncc.passes.bind import Bind
 from attncc.passes.graph import val
@@ -227,8 +228,9 @@ def explain(
         measured = measure_densities(model, args, kwargs, spec)
         for s in pending:
             assert s.plan is not None
-            # sites in graph order are the calls in call order (several share a key at the top module)
-            calls = measured.get((s.plan.name, s.plan.rule, s.plan.q_len, s.plan.kv_len))
+            # sites in graph order are the calls in call order; the key leaves the module out: sites
+            # with equal plans share one registered plan, whose name is the first site's
+            calls = measured.get((s.plan.rule, s.plan.q_len, s.plan.kv_len))
             got = calls.pop(0) if calls else None
             if got is not None:
                 s.density, s.selected = got
@@ -243,10 +245,13 @@ def explain(
 def allowed_fraction(plan: AttentionPlan, mask: torch.Tensor | None, selected: torch.Tensor | None) -> list[float]:
     """Per head, the fraction of (query, key) pairs one call allowed: the plan's mask (under the
     call's block selection) and the model's mask tensor (bool: True may attend; additive: a
-    finite value above half the dtype's lowest), averaged over the batch."""
+    finite value above half the dtype's lowest; documents: a key of the query's document),
+    averaged over the batch."""
     dev = selected.device if selected is not None else (mask.device if mask is not None else None)
     allowed = dense_selected_mask(plan, selected) if selected is not None else plan.dense_mask(dev).unsqueeze(0)
-    if mask is not None:
+    if mask is not None and plan.mask_kind == "documents":
+        allowed = allowed & same_document(mask, plan.q_len, plan.q_offset).to(allowed.device)
+    elif mask is not None:
         ok = mask if mask.dtype == torch.bool else (mask > torch.finfo(mask.dtype).min / 2) & mask.isfinite()
         allowed = allowed & ok.to(allowed.device)
     return [float(x) for x in allowed.float().mean(dim=(0, 2, 3)).tolist()]
@@ -256,13 +261,13 @@ def measure_densities(
     model: Any, args: tuple, kwargs: dict, spec: Any
 ) -> dict[tuple, list[tuple[list[float], torch.Tensor | None]]]:
     """Run ``model(*args, **kwargs)`` once compiled by attncc with ``spec`` (no dump) and record,
-    per site key (module, rule, lengths), in call order, the per-head fraction of pairs each call
+    per site key (rule, lengths), in call order, the per-head fraction of pairs each call
     allowed and the blocks it selected (a copy on the CPU; None for a static plan)."""
     seen: dict[tuple, list[tuple[list[float], torch.Tensor | None]]] = {}
 
     def observe(plan: AttentionPlan, mask: torch.Tensor | None, selected: torch.Tensor | None) -> None:
         if plan.is_dynamic or mask is not None:
-            key = (plan.name, plan.rule, plan.q_len, plan.kv_len)
+            key = (plan.rule, plan.q_len, plan.kv_len)
             kept = selected.detach().to("cpu", copy=True) if selected is not None else None
             seen.setdefault(key, []).append((allowed_fraction(plan, mask, selected), kept))
 

@@ -19,12 +19,15 @@ import torch
 from torch import fx
 
 from attncc.ir import masks as M
+from attncc.ir.documents import documents_of_positions, same_document
 from attncc.passes.graph import (
     arg,
     constant_subgraph,
     depends_on,
     escaping_nodes,
     evaluate,
+    evaluate_with,
+    input_sources,
     maybe_tensor,
     tensor_val,
     to_networkx,
@@ -78,6 +81,11 @@ class MaskTerm:
     #: an additive term proven an ALiBi bias: per query head ``slope * (kv_pos - q_pos)`` plus a
     #: constant per row (which no softmax sees), slopes in score units (``factor`` applied)
     alibi: tuple[float, ...] | None = None
+    #: a bool term proven "same document" over a graph input (``documents_source``): its
+    #: ``ids`` directly, or the documents its ``positions`` (packed position ids) imply; the
+    #: term's ``structural`` part (full / causal) holds beside it
+    documents: Literal["ids", "positions"] | None = None
+    documents_source: fx.Node | None = None
 
 
 @dataclass
@@ -179,10 +187,15 @@ class AttentionSite:
         return [t for t in self.terms if t.structural is None]
 
     @property
+    def documents_term(self) -> MaskTerm | None:
+        """The term proven a packed-documents mask (at most one, and only with no run-time term)."""
+        return next((t for t in self.terms if t.documents is not None), None)
+
+    @property
     def mask_kind(self) -> str | None:
         terms = self.runtime_terms
         if not terms:
-            return None
+            return "documents" if self.documents_term is not None else None
         return "bool" if all(t.kind != "additive" for t in terms) else "additive"
 
     @property
@@ -555,6 +568,109 @@ def recover_alibi(
     return fitted, "proven an ALiBi bias, slopes " + ", ".join(f"{x:.6g}" for x in fitted)
 
 
+def _document_probes(shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Inputs a documents mask is checked on: packings restarting at 0 and elsewhere, one
+    document, every token its own, repeated small ids, arbitrary and decreasing values."""
+    g = torch.Generator().manual_seed(0)
+    n = shape[-1]
+    rows = int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1
+    out = []
+    for family in range(8):
+        row_list = []
+        for _ in range(rows):
+            if family in (0, 1):
+                cuts = torch.randperm(n, generator=g)[: max(1, n // 7)]
+                starts = torch.zeros(n, dtype=torch.int64)
+                starts[cuts] = 1
+                starts[0] = 1
+                doc = starts.cumsum(0) - 1
+                first = torch.nonzero(starts).flatten()
+                pos = torch.arange(n) - first[doc]
+                row = pos + (torch.randint(0, 5, (1,), generator=g) * family)
+            elif family == 2:
+                row = torch.arange(n)
+            elif family == 3:
+                row = torch.arange(n) * 2
+            elif family == 4:
+                row = torch.randint(0, 3, (n,), generator=g)
+            elif family == 5:
+                row = torch.randint(0, n + 1, (n,), generator=g)
+            elif family == 6:
+                row = torch.zeros(n, dtype=torch.int64)
+            else:
+                row = torch.arange(n, 0, -1)
+            row_list.append(row)
+        out.append(torch.stack(row_list).reshape(shape).to(dtype))
+    return out
+
+
+def recover_documents(
+    g: nx.DiGraph, term: MaskTerm, score_shape: tuple[int, ...], roles: list[Role], batch: list[Role], q_offset: int
+) -> tuple[tuple[Literal["ids", "positions"], fx.Node, M.Mask] | None, str]:
+    """A bool term that is a function of one integer graph input ``x`` ``[.., Skv]`` and sizes, and
+    equals (same document) & C, C full or causal, where the documents are ``x`` itself (``ids``)
+    or those packed position ids ``x`` imply (``positions``, :func:`documents_of_positions`, as
+    Hugging Face builds the mask of packed sequences). Checked by evaluating the term on probe
+    inputs of eight families (:func:`_document_probes`) at the graph's static sizes: the term reads
+    nothing else, so the documents are then read from ``x`` at run time. Returns ((kind, x, C) or
+    None, explanation)."""
+    if len(batch) != 2:
+        return None, ""
+    sources = input_sources(g, term.node)
+    if not sources or len(sources) != 1:
+        return None, ""
+    (x,) = sources
+    xv = maybe_tensor(x)
+    kv_len = score_shape[roles.index("k")]
+    q_len = score_shape[roles.index("q")]
+    if xv is None or xv.dtype.is_floating_point or xv.dtype == torch.bool or xv.dim() == 0:
+        return None, ""
+    if any(isinstance(s, torch.SymInt) for s in xv.shape) or xv.shape[-1] != kv_len:
+        return None, ""
+    nodes = nx.ancestors(g, term.node) | {term.node}
+    if _symbolic(list(nodes)):
+        return None, ""
+    shape = tuple(_hint(s) for s in score_shape)
+    canon = [roles.index(r) for r in (*batch, "q", "k")]
+    probes = _document_probes(tuple(int(s) for s in xv.shape), xv.dtype)
+    values = []
+    for probe in probes:
+        try:
+            v = evaluate_with(g, term.node, x, probe).expand(shape).permute(*canon)  # [B, H, Sq, Skv]
+        except (RuntimeError, AttributeError, TypeError, IndexError):
+            return None, ""
+        if term.kind == "additive":
+            # an additive mask is one only with values 0 / excluded (as eager attention's)
+            vf = v.float()
+            excluded = vf <= _EXCLUDE_BELOW
+            if not bool(((vf == 0) | excluded).all()):
+                return None, ""
+            t = ~excluded
+        else:
+            t = v.bool()
+        values.append(~t if term.kind == "disallow" else t)
+    qpos = torch.arange(q_len) + q_offset
+    causal = qpos[:, None] >= torch.arange(kv_len)[None, :]
+    for how in ("ids", "positions"):
+        for cand, static in ((M.Full(), None), (M.Causal(), causal)):
+            ok = True
+            for probe, got in zip(probes, values):
+                rows = probe.reshape(-1, kv_len).to(torch.int64)
+                if rows.shape[0] not in (1, got.shape[0]):
+                    ok = False
+                    break
+                docs = rows if how == "ids" else documents_of_positions(rows)
+                want = same_document(docs, q_len, q_offset)  # [B, 1, Sq, Skv]
+                if static is not None:
+                    want = want & static
+                if not torch.equal(got, want.expand_as(got)):
+                    ok = False
+                    break
+            if ok:
+                return (how, x, cand), f"proven {cand} within the documents of {x.name} ({how}, on 8 probe inputs)"
+    return None, ""
+
+
 def _candidates(pattern: torch.Tensor, q_offset: int) -> list[M.Mask]:
     sq, skv = pattern.shape
     q = torch.arange(sq).view(-1, 1) + q_offset
@@ -720,7 +836,18 @@ class _Detector:
                 if slopes is not None:
                     t.structural, t.alibi = M.Full(), slopes
                 why = alibi_why or why
+            if t.structural is None and offset is not None:
+                found, doc_why = recover_documents(self.g, t, tuple(shape), site.score_roles, site.batch, offset)
+                if found is not None:
+                    t.documents, t.documents_source, t.structural = found
+                    why = doc_why
             site.notes.append(f"mask {t.node.name} ({t.kind}): {why}")
+        docs = [t for t in site.terms if t.documents is not None]
+        if docs and (len(docs) > 1 or site.runtime_terms):
+            # one documents term and no other run-time mask, else all run-time tensors as before
+            for t in docs:
+                t.documents, t.documents_source, t.structural = None, None, None
+            site.notes.append("documents beside another run-time mask: kept as a runtime tensor")
 
     # -- F.scaled_dot_product_attention --------------------------------------------------------
     def _sdpa(self, node: fx.Node) -> AttentionSite:

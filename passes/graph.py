@@ -104,3 +104,35 @@ def evaluate(nodes: list[fx.Node]) -> object:
     graph.output(env[nodes[-1]])
     with unset_fake_temporarily(), torch.no_grad():
         return fx.GraphModule(torch.nn.Module(), graph)(*inputs)
+
+
+def input_sources(g: nx.DiGraph, node: fx.Node) -> list[fx.Node] | None:
+    """The graph inputs holding tensor data that ``node`` is computed from (placeholders, in graph
+    order); None when it also reads module state (``get_attr`` / ``call_module``)."""
+    nodes = nx.ancestors(g, node) | {node}
+    if any(n.op in ("call_module", "get_attr") for n in nodes):
+        return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted((n for n in nodes if n.op == "placeholder" and not _is_symbolic_scalar(val(n))), key=order.get)
+
+
+def evaluate_with(g: nx.DiGraph, node: fx.Node, source: fx.Node, value: torch.Tensor) -> object:
+    """Run the subgraph computing ``node`` with the graph input ``source`` replaced by ``value``
+    (it must be the only tensor input ``node`` reads; symbolic sizes take their hints)."""
+    nodes = nx.ancestors(g, node) | {node}
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    nodes_sorted = sorted(nodes, key=order.__getitem__)
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs = []
+    for n in nodes_sorted:
+        if n.op == "placeholder":
+            env[n] = graph.placeholder(n.name)
+            inputs.append(value if n is source else _hint(val(n)))
+        else:
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[node])
+    with unset_fake_temporarily(), torch.no_grad():
+        return fx.GraphModule(torch.nn.Module(), graph)(*inputs)

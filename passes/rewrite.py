@@ -12,6 +12,7 @@ from torch import fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 import attncc.runtime.ops  # noqa: F401  (registers torch.ops.attncc.attention)
+from attncc.ir.documents import documents_of_positions
 from attncc.ir.plan import AttentionPlan
 from attncc.passes.bind import BoundSite
 from attncc.passes.detect import AttentionSite, MaskTerm, Operand
@@ -122,6 +123,14 @@ class _Emitter:
             additive = self.method("masked_fill", additive, self.function(torch.logical_not, allowed), float("-inf"))
         return additive
 
+    def documents(self, term: MaskTerm) -> fx.Node:
+        """The document ids ``[B or 1, Skv]`` of a documents term, from its graph input."""
+        assert term.documents_source is not None
+        ids = self.method("reshape", term.documents_source, -1, self.site.k.size("k"))
+        if term.documents == "positions":
+            ids = self.function(documents_of_positions, ids)
+        return ids
+
     def to_bhsd_mask(self, m: fx.Node, roles: list[str], order: list[str]) -> fx.Node:
         perm = [roles.index(r) for r in order]
         if perm != list(range(len(perm))):
@@ -195,7 +204,8 @@ def rewrite_site(
             if site.k.size(b_role) == 1 and site.q.size(b_role) != 1:
                 k = em.method("expand", k, site.q.size(b_role), -1, -1, -1)
                 v = em.method("expand", v, site.q.size(b_role), -1, -1, -1)
-        mask = em.mask(site.runtime_terms)
+        docs = site.documents_term
+        mask = em.documents(docs) if site.mask_kind == "documents" and docs is not None else em.mask(site.runtime_terms)
         positions, scale = site.positions.node, em.scale()
         call = em.function(torch.ops.attncc.attention.default, q, k, v, mask, positions, scale, plan_key, executor)
         out = em.function(operator.getitem, call, 0)

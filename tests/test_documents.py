@@ -134,3 +134,108 @@ def test_documents_refuse_what_they_cannot_run():
         from attncc.ir.permute import TilePermutation
 
         plan_of(MASKS["full"][0], n=64, permute=TilePermutation((4, 4, 4), (2, 2, 2)))
+
+
+# -- documents recovered from models -----------------------------------------------------------
+
+FULL = {"attncc": 1, "block_size": 16, "rules": [{"mask": "full"}]}
+LENGTHS = [20, 33, 27]
+
+
+def _packed_llama(impl: str, train: bool = False):
+    from support import tiny_llama
+
+    model = tiny_llama(layers=2, impl=impl, train=train)
+    pos = torch.cat([torch.arange(n) for n in LENGTHS]).unsqueeze(0)
+    ids = torch.randint(0, 64, (1, sum(LENGTHS)), generator=torch.Generator().manual_seed(0))
+    return model, ids, pos
+
+
+def _grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("path", ["compile", "apply"])
+def test_packed_llama_is_exact_forward_and_backward(impl, path):
+    """Three documents packed in one row through ``position_ids`` (as Hugging Face's flattening
+    collator makes them): logits and every parameter gradient equal the uncompiled model's, and
+    each document's logits equal that document run alone."""
+    pytest.importorskip("transformers")
+    import attncc
+
+    model, ids, pos = _packed_llama(impl, train=True)
+    want = model(ids, position_ids=pos, use_cache=False).logits
+    want.square().mean().backward()
+    want_grads = _grads(model)
+    model.zero_grad()
+    with torch.no_grad():
+        starts = [0, 20, 53]
+        alone = torch.cat([model(ids[:, a : a + n], use_cache=False).logits for a, n in zip(starts, LENGTHS)], 1)
+    torch.testing.assert_close(want, alone, atol=1e-5, rtol=0)
+    kinds = []
+    with E.observing(lambda plan, mask, sel: kinds.append(plan.mask_kind)):
+        if path == "compile":
+            torch._dynamo.reset()
+            opts = {"spec": FULL, "strict": True, "executor": "interpret", "inner": "eager"}
+            got = torch.compile(model, backend="attncc", options=opts)(ids, position_ids=pos, use_cache=False).logits
+        else:
+            attncc.apply(model, spec=FULL, strict=True, executor="interpret")
+            got = model(ids, position_ids=pos, use_cache=False).logits
+    got.square().mean().backward()
+    if path == "apply":
+        attncc.apply(model, spec=None)
+    torch._dynamo.reset()
+    assert kinds == ["documents", "documents"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    for g, w in zip(_grads(model), want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_explain_reports_the_document_density():
+    pytest.importorskip("transformers")
+    import attncc
+
+    model, ids, pos = _packed_llama("sdpa")
+    report = attncc.explain(model, ids, position_ids=pos, use_cache=False, spec=FULL)
+    n = sum(LENGTHS)
+    density = sum(k * (k + 1) // 2 for k in LENGTHS) / n**2  # causal within each document
+    assert [s.density[0] for s in report.sites] == pytest.approx([density] * 2, abs=1e-4)
+    assert all((s.model_mask, s.runtime_mask) == ("causal", "documents") for s in report.sites)
+
+
+class SegmentMask(torch.nn.Module):
+    """SDPA with a mask written from segment ids: the same-document mask (and causal), or masks
+    of segment ids that are not documents."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, seg):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        same = seg[:, None, :, None] == seg[:, None, None, :]
+        if self.kind == "documents":
+            m = same & causal
+        else:
+            m = (seg[:, None, :, None] >= seg[:, None, None, :]) & causal
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+
+
+@pytest.mark.parametrize("kind,expect", [("documents", "documents"), ("ordered", "bool")])
+def test_segment_masks(kind, expect):
+    """The same-document mask becomes documents; a mask of segment ids that is something else
+    stays the run-time bool tensor it was; both exact."""
+    import attncc
+
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 4, 96, 16, generator=g) for _ in range(3))
+    seg = torch.stack([packed([30, 40, 26]), packed([96])])
+    model = SegmentMask(kind)
+    want = model(q, k, v, seg)
+    torch._dynamo.reset()
+    got = torch.compile(model, backend="attncc", options={"spec": FULL, "strict": True})(q, k, v, seg)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    (site,) = attncc.explain(model, q, k, v, seg, spec=FULL).sites
+    assert site.runtime_mask == expect

@@ -62,6 +62,14 @@ def block_overlap(
     return (qlo[:, None] <= khi[None, :]) & (klo[None, :] <= qhi[:, None])
 
 
+def documents_of_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document ids of packed rows from their position ids ``[B, S]``: a new document wherever a
+    position is not the one before plus 1 (the rule of Hugging Face's
+    ``find_packed_sequence_indices``, for the flattening collator's ``position_ids``)."""
+    first = position_ids[:, :1] - 1
+    return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+
 def document_density(ids: torch.Tensor, allowed_static: torch.Tensor | None = None) -> float:
     """Fraction of (query, key) pairs of a self-attention over ``ids [B, S]`` in one document
     (times the static mask ``[Sq, Skv]`` when given): dense, for reports."""

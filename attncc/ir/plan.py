@@ -178,8 +178,12 @@ class AttentionPlan:
         """Short name of the mask pattern, used in kernel names."""
         names = sorted({p.name for p in self.programs})
         s = "heads_" + "_".join(names) if len(names) > 1 else names[0]
-        if self.score_mod is not None:
-            s = f"{s[: 47 - len(self.score_mod.name)]}_{self.score_mod.name}"
+        tags = ([self.score_mod.name] if self.score_mod is not None else []) + (
+            ["documents"] if self.mask_kind == "documents" else []
+        )
+        if tags:
+            tag = "_".join(tags)
+            s = f"{s[: 47 - len(tag)]}_{tag}"
         return "".join(c if c.isalnum() or c == "_" else "_" for c in s)[:48]
 
     def to_dict(self) -> dict:
