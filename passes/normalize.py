@@ -1,7 +1,8 @@
 """normalize: remove operations that are the identity at run time (eval-mode dropout, same-dtype
 casts), write in-place arithmetic on fresh tensors out of place (``scores /= sqrt(d)``,
-``scores.masked_fill_(...)``) where no later reader can tell, and spell ``baddbmm`` (Bloom's fused
-bias + QK^T) as its product, scale and sum, so detection reads one spelling of each."""
+``scores.masked_fill_(...)``) where no later reader can tell, spell ``baddbmm`` (Bloom's fused
+bias + QK^T) as its product, scale and sum, and move a ``[B*H] -> [B, H]`` view of the scores (and
+its inverse before P @ V) onto the operands, so detection reads one spelling of each."""
 
 from __future__ import annotations
 
@@ -30,6 +31,22 @@ def _same_dtype_cast(node: fx.Node) -> bool:
     if node.kwargs.get("copy") or (len(node.args) > 3 and node.args[3]):
         return False
     return out.dtype == inp.dtype and out.device == inp.device and out.shape == inp.shape
+
+
+def _same_shape_view(node: fx.Node) -> bool:
+    """A view or reshape to the shape it already has (Falcon views its 4-D scores as themselves),
+    with nothing mutating either tensor in place (through which the alias would show)."""
+    src = node.args[0] if node.args else None
+    out, inp = maybe_tensor(node), maybe_tensor(src)
+    if out is None or inp is None or tuple(out.shape) != tuple(inp.shape) or not isinstance(src, fx.Node):
+        return False
+    for n in (node, src):
+        for u in n.users:
+            if (u.op == "call_function" and u.target in _INPLACE_FUNCTIONS) or (
+                u.op == "call_method" and str(u.target).endswith("_")
+            ):
+                return False
+    return True
 
 
 #: in-place operator -> its out-of-place twin (``x /= c`` is ``operator.itruediv(x, c)``)
@@ -136,6 +153,166 @@ def _baddbmm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+def _emit(g: fx.Graph, op: str, target: Any, args: tuple) -> fx.Node:
+    """A new node with the fake example value Dynamo would give it (detection reads shapes)."""
+    node = g.call_function(target, args) if op == "call_function" else g.call_method(target, args)
+    vals = fx.node.map_arg(args, val)
+    fakes = [v for v in (vals if isinstance(vals, tuple) else ()) if isinstance(v, torch.Tensor)]
+    mode = getattr(fakes[0], "fake_mode", None) if fakes else None
+    if mode is not None:
+        with mode:
+            fn = target if op == "call_function" else getattr(torch.Tensor, target)
+            node.meta["example_value"] = fn(*vals)
+    return node
+
+
+def _split_sizes(node: fx.Node) -> tuple[int, int] | None:
+    """(B, H) when ``node`` reshapes a ``[B*H, a, b]`` tensor to ``[B, H, a, b]`` (static sizes)."""
+    if kind(node) != "reshape" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src, out = maybe_tensor(node.args[0]), maybe_tensor(node)
+    if src is None or out is None or src.dim() != 3 or out.dim() != 4:
+        return None
+    try:
+        sizes = [int(x) for x in (*src.shape, *out.shape)]
+    except TypeError:
+        return None
+    bh, a, b, bb, h, a2, b2 = sizes
+    return (bb, h) if (bb * h, a, b) == (bh, a2, b2) else None
+
+
+def _is_bmm(node: fx.Node) -> bool:
+    if kind(node) != "matmul" or len(node.args) != 2 or node.kwargs:
+        return False
+    return all(isinstance(a, fx.Node) and getattr(maybe_tensor(a), "dim", lambda: 0)() == 3 for a in node.args)
+
+
+def _heads_split_scores(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``view(bmm(q, k) [* c] [+ bias], B, H, Sq, Skv)`` (Bloom, Falcon with ALiBi: scores of
+    ``[B*H, S, D]`` operands viewed as ``[B, H, Sq, Skv]`` before the mask and softmax) -> the
+    same arithmetic on ``[B, H, ...]`` operands: ``matmul(q.view(B, H, Sq, D), k.view(B, H, D, Skv))``
+    and each bias viewed alike. Exact: the same products and sums, element for element. Only
+    where every intermediate has no other reader."""
+    split = _split_sizes(node)
+    if split is None or not _feeds_softmax(node):
+        return False
+    bsz, heads = split
+    chain: list[fx.Node] = []
+    cur = node.args[0]
+    while isinstance(cur, fx.Node) and not _is_bmm(cur):
+        if kind(cur) not in ("mul", "div", "add") or len(cur.users) != 1 or cur.kwargs or len(cur.args) != 2:
+            return False
+        chain.append(cur)
+        nxt = [a for a in cur.args if isinstance(a, fx.Node) and getattr(maybe_tensor(a), "dim", lambda: 0)() == 3]
+        if not nxt or (kind(cur) == "div" and cur.args[0] is not nxt[0]):
+            return False
+        cur = nxt[0] if len(nxt) == 1 or _reaches_bmm(nxt[0]) else nxt[1]
+    if not isinstance(cur, fx.Node) or len(cur.users) != 1:
+        return False
+    g = gm.graph
+
+    def four(x: fx.Node) -> fx.Node:
+        t = maybe_tensor(x)
+        assert t is not None
+        if int(t.shape[0]) == bsz * heads:
+            return _emit(g, "call_method", "reshape", (x, bsz, heads, *(int(s) for s in t.shape[1:])))
+        return _emit(g, "call_method", "unsqueeze", (x, 0))
+
+    for c in chain:
+        for a in c.args:
+            t = maybe_tensor(a) if isinstance(a, fx.Node) else None
+            if t is not None and t.dim() == 3 and int(t.shape[0]) not in (1, bsz * heads):
+                return False
+            if t is not None and t.dim() > 3:
+                return False
+    with g.inserting_before(node):
+        q, k = cur.args
+        new = _emit(g, "call_function", torch.matmul, (four(q), four(k)))  # type: ignore[arg-type]
+        prev = cur
+        for c in reversed(chain):
+            args = tuple(
+                new
+                if a is prev
+                else four(a)
+                if isinstance(a, fx.Node) and maybe_tensor(a) is not None and maybe_tensor(a).dim() == 3
+                else a  # type: ignore[union-attr]
+                for a in c.args
+            )
+            new = _emit(g, c.op, c.target, args)
+            prev = c
+    node.replace_all_uses_with(new)
+    for n in [node, *chain, cur]:
+        if not n.users:
+            g.erase_node(n)
+    return True
+
+
+def _feeds_softmax(node: fx.Node, depth: int = 6) -> bool:
+    """The view's value reaches a softmax through score arithmetic (masks, scales, casts): it
+    holds scores, not an attention output being split into heads."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                k = kind(u)
+                if k == "softmax":
+                    return True
+                if k in ("add", "mul", "div", "masked_fill", "where", "cast"):
+                    nxt.append(u)
+        frontier = nxt
+    return False
+
+
+def _reaches_bmm(node: fx.Node, depth: int = 6) -> bool:
+    cur: object = node
+    for _ in range(depth):
+        if not isinstance(cur, fx.Node):
+            return False
+        if _is_bmm(cur):
+            return True
+        if kind(cur) not in ("mul", "div", "add"):
+            return False
+        cur = cur.args[0]
+    return False
+
+
+def _heads_merged_values(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``bmm(p.view(B*H, Sq, Skv), v [B*H, Skv, E])`` with ``p`` ``[B, H, Sq, Skv]`` (the other half
+    of the split above) -> ``matmul(p, v.view(B, H, Skv, E)).view(B*H, Sq, E)``: exact."""
+    if not _is_bmm(node):
+        return False
+    pv, v = node.args
+    assert isinstance(pv, fx.Node) and isinstance(v, fx.Node)
+    if kind(pv) != "reshape" or not isinstance(pv.args[0], fx.Node):
+        return False
+    src = pv.args[0]
+    while kind(src) in ("cast", "dropout") and isinstance(src.args[0], fx.Node):
+        src = src.args[0]
+    if kind(src) != "softmax":
+        return False  # only probabilities: a product of other views is left as written
+    p4, p3, tv = maybe_tensor(pv.args[0]), maybe_tensor(pv), maybe_tensor(v)
+    if p4 is None or p3 is None or tv is None or p4.dim() != 4:
+        return False
+    try:
+        b, h, sq, skv = (int(x) for x in p4.shape)
+        if tuple(int(x) for x in p3.shape) != (b * h, sq, skv) or int(tv.shape[0]) != b * h:
+            return False
+        e = int(tv.shape[2])
+    except TypeError:
+        return False
+    g = gm.graph
+    with g.inserting_before(node):
+        v4 = _emit(g, "call_method", "reshape", (v, b, h, skv, e))
+        out4 = _emit(g, "call_function", torch.matmul, (pv.args[0], v4))
+        out = _emit(g, "call_method", "reshape", (out4, b * h, sq, e))
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    if not pv.users:
+        g.erase_node(pv)
+    return True
+
+
 @dataclass(frozen=True)
 class NormalizeResult:
     removed: int
@@ -149,7 +326,8 @@ class NormalizeResult:
 
 
 def normalize(gm: fx.GraphModule) -> NormalizeResult:
-    """Remove eval-mode dropout and same-dtype casts (both return their input unchanged); write
+    """Remove eval-mode dropout, same-dtype casts and same-shape views (each returns its input's
+    values unchanged); write
     exact in-place score arithmetic out of place and ``baddbmm`` as product + scale + sum."""
     removed = rewritten = 0
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -159,11 +337,21 @@ def normalize(gm: fx.GraphModule) -> NormalizeResult:
             order = {n: i for i, n in enumerate(gm.graph.nodes)}  # new nodes, new positions
     for node in list(gm.graph.nodes):
         k = kind(node)
-        identity = (k == "dropout" and dropout_is_identity(node)) or (k == "cast" and _same_dtype_cast(node))
+        identity = (
+            (k == "dropout" and dropout_is_identity(node))
+            or (k == "cast" and _same_dtype_cast(node))
+            or (k == "reshape" and _same_shape_view(node))
+        )
         if identity and isinstance(node.args[0], fx.Node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             removed += 1
+    # after the identities are gone, so eval dropout between softmax and the view does not hide it
+    # scores first: the product of a split view is read as QK, not as P @ V of its own operands
+    for respell in (_heads_split_scores, _heads_merged_values):
+        for node in list(gm.graph.nodes):
+            if node.graph is gm.graph and respell(gm, node):
+                rewritten += 1
     if removed or rewritten:
         commit(gm)
     return NormalizeResult(removed, rewritten)
