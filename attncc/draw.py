@@ -73,6 +73,26 @@ def static_image(plan: AttentionPlan, program: int) -> tuple[torch.Tensor, torch
     return image(plan, labels, allowed), labels
 
 
+def documents_image(plan: AttentionPlan, program: int, ids_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image, labels)`` of one program over packed documents ``ids_row [Skv]``: the blocks the
+    kernels visit (static map, less the block pairs whose documents do not meet), full where both
+    blocks lie in one and the same document."""
+    from attncc.ir.documents import block_overlap, block_ranges, same_document
+
+    _, labels = static_image(plan, program)
+    meet = block_overlap(ids_row, plan.q_len, plan.q_offset, plan.kv_len, plan.block_q, plan.block_kv)
+    qlo, qhi = block_ranges(ids_row, plan.q_offset, plan.q_len, plan.block_q)
+    klo, khi = block_ranges(ids_row, 0, plan.kv_len, plan.block_kv)
+    one = (qlo == qhi)[:, None] & (klo == khi)[None, :] & (qlo[:, None] == klo[None, :])
+    labels = torch.where(~meet, EMPTY, torch.where((labels == FULL) & ~one, PARTIAL, labels)).to(labels.dtype)
+    allowed = None
+    if extent(plan) is None:
+        mask, head = plan.programs[program], plan.program_heads()[program]
+        allowed = M.dense(mask, plan.q_len, plan.kv_len, heads=[head], q_offset=plan.q_offset)[0]
+        allowed = allowed & same_document(ids_row[None], plan.q_len, plan.q_offset)[0, 0]
+    return image(plan, labels, allowed), labels
+
+
 def selected_image(plan: AttentionPlan, selected: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(image, labels)`` of one head of a data-dependent plan under the selection ``selected
     [H, nq, nk]`` (kernel blocks) one call made: the blocks of the mask where selected, of the

@@ -25,3 +25,15 @@ attncc explain "{attncc: 1, block_size: 16, rules: [{mask: {tile3d: {grid: [2, 8
     permute: {grid: [2, 8, 16], tile: [2, 2, 4]}}]}" --q-len 256 --heads 1 --layers 1 --png docs/img/tile3d_tiled.png > /dev/null
 attncc explain specs/duo.yaml --q-len 128 --heads 8 --layers 1 --png docs/img/duo_heads.png > /dev/null
 attncc explain specs/masformer.yaml --q-len 128 --heads 1 --layers 8 --png docs/img/masformer_layers.png > /dev/null
+python - <<'PY'
+import torch
+from attncc import draw
+from attncc.ir.plan import AttentionPlan
+from attncc.spec import parse_mask
+
+# three documents of 40, 56 and 32 tokens, causal inside each
+ids = torch.cat([torch.full((n,), d) for d, n in enumerate([40, 56, 32])])
+plan = AttentionPlan.of(parse_mask("causal", {}), num_heads=1, q_len=128, head_dim=16, block=16, mask_kind="documents")
+image, labels = draw.documents_image(plan, 0, ids)
+draw.save("docs/img/documents.png", [draw.Panel(image, labels, "causal within documents 40, 56, 32")])
+PY
