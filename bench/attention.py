@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from attncc.codegen.documents import document_table
 from attncc.ir import masks as M
+from attncc.ir.documents import same_document
 from attncc.ir.permute import TilePermutation
 from attncc.ir.plan import AttentionPlan
 from bench.machine import machine_name as bench_machine
@@ -51,6 +53,8 @@ class Case:
     head_to_program: tuple[int, ...]
     permute: TilePermutation | None = None
     grid: tuple[int, int, int] | None = None  # tile3d: the sequence length is fixed by the grid
+    #: packed documents: this many, causal inside each (ids from :func:`document_ids`)
+    documents: int = 0
 
 
 def _causal() -> M.Mask:
@@ -80,7 +84,28 @@ def cases(heads: int) -> list[Case]:
             TilePermutation((8, 16, 32), (2, 4, 8)),
             (8, 16, 32),
         ),
+        Case("documents16", (_causal(),), (0,) * heads, documents=16),
     ]
+
+
+def document_ids(seq: int, n: int, device=None) -> torch.Tensor:
+    """``[1, seq]`` ids of ``n`` packed documents of uneven lengths (fixed seed; each at least
+    a quarter of ``seq / n``), as a flattening collator packs them."""
+    g = torch.Generator().manual_seed(0)
+    weights = 0.25 + torch.rand(n, generator=g)
+    lengths = (weights / weights.sum() * seq).floor().long()
+    lengths[-1] += seq - int(lengths.sum())
+    return torch.repeat_interleave(torch.arange(n), lengths).unsqueeze(0).to(device)
+
+
+class _SdpaDocuments(torch.nn.Module):
+    """A model's attention over packed documents: SDPA with the mask built from segment ids."""
+
+    def forward(self, q, k, v, seg):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        mask = (seg[:, None, :, None] == seg[:, None, None, :]) & causal
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 #: cases whose every mask lies inside causal: the model attends causally (SDPA is_causal)
@@ -175,10 +200,18 @@ def _flex_predicate(name: str, heads: int):
     return preds[name]
 
 
-def flex_mask_mod(case: Case, plan: AttentionPlan, device=None, kernel_order: bool = True):
+def flex_mask_mod(case: Case, plan: AttentionPlan, device=None, kernel_order: bool = True, ids=None):
     """FlexAttention mask_mod over *kernel-order* indices (inputs pre-permuted for Flex), or over
-    model positions when ``kernel_order`` is False."""
+    model positions when ``kernel_order`` is False; packed documents: Flex's document mask over
+    ``ids`` (causal within each document, as attention-gym writes it)."""
     order = plan.order(device) if kernel_order else None
+    if case.documents:
+        doc = ids[0]
+
+        def document_mask(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (doc[q_idx] == doc[kv_idx])
+
+        return document_mask
     pred = _flex_predicate(case.name, plan.num_heads)
 
     def mask_mod(b, h, q_idx, kv_idx):
@@ -290,11 +323,17 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     dev = args.device
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(args.batch, args.heads, seq, args.dim, generator=gen).to(dev, dtype) for _ in range(3))
+    ids = None
+    if case.documents:
+        plan = dataclasses.replace(plan, mask_kind="documents")
+        ids = document_ids(seq, case.documents, dev)
 
     t0 = time.perf_counter()
     table = plan.block_table()
+    if ids is not None:
+        table = document_table(table, ids[0].cpu(), plan.q_len, plan.q_offset, plan.kv_len)
     t_table = time.perf_counter() - t0
-    density = _density(plan, dev)
+    density = _density(plan, dev) if ids is None else _document_density(ids, seq)
     block_density = (
         table.visited().double() * torch.bincount(torch.tensor(plan.head_to_program)).double()
     ).sum().item() / (args.heads * table.num_q_blocks * table.num_kv_blocks)
@@ -302,7 +341,7 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     executor = "triton" if dev == "cuda" else "torch"
     t0 = time.perf_counter()
     with torch.no_grad():
-        out, _ = attncc_run(plan, q, k, v, executor=executor)
+        out, _ = attncc_run(plan, q, k, v, ids, executor=executor)
     t_first = time.perf_counter() - t0
 
     err = None
@@ -312,7 +351,7 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         sub = dataclasses.replace(
             plan, head_to_program=tuple(range(len(heads))), num_heads=len(heads), num_kv_heads=len(heads)
         )
-        ref, _ = attention_reference(sub, q[:, heads], k[:, heads], v[:, heads])
+        ref, _ = attention_reference(sub, q[:, heads], k[:, heads], v[:, heads], ids)
         err = (out[:, heads].float() - ref.float()).abs().max().item()
         del ref
 
@@ -331,18 +370,19 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
 
     # as users call it: the model's SDPA compiled with the case's spec (one graph, strict)
     compiled = torch.compile(
-        _Sdpa(case.name in CAUSAL_CASES),
+        _SdpaDocuments() if ids is not None else _Sdpa(case.name in CAUSAL_CASES),
         backend="attncc",
         options={"spec": case_spec(case, args.block), "executor": executor, "strict": True, "inner": "eager"},
     )
+    model_args = (q, k, v) if ids is None else (q, k, v, ids)
     with torch.no_grad():
         t0 = time.perf_counter()
-        cout = compiled(q, k, v)
+        cout = compiled(*model_args)
         t_compiled_first = time.perf_counter() - t0
     compiled_err = (cout.float() - out.float()).abs().max().item()
     fns = {
-        "attncc": lambda: attncc_run(plan, q, k, v, executor=executor),
-        "attncc_compiled": lambda: compiled(q, k, v),
+        "attncc": lambda: attncc_run(plan, q, k, v, ids, executor=executor),
+        "attncc_compiled": lambda: compiled(*model_args),
         "sdpa_dense": lambda: sdpa(),
     }
     if case.name == "causal" or dev == "cuda":
@@ -353,6 +393,8 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
     masked_from = args.masked_seen.get(shape_key)
     if args.masked_sdpa and seq <= args.max_masked_seq and masked_from is None:
         bool_mask = plan.dense_mask(dev).unsqueeze(0)
+        if ids is not None:
+            bool_mask = bool_mask & same_document(ids, seq, 0)
         fns["sdpa_masked"] = lambda: sdpa(attn_mask=bool_mask)
     flex_err = None
     if flex_fn is not None:
@@ -364,7 +406,7 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         qf, kf, vf = (x if order is None else x.index_select(2, order) for x in (q, k, v))
         t0 = time.perf_counter()
         bm = create_block_mask(
-            flex_mask_mod(case, plan, dev, order is not None),
+            flex_mask_mod(case, plan, dev, order is not None, ids),
             1,
             args.heads,
             seq,
@@ -443,6 +485,12 @@ def run_case(case: Case, seq: int, args, flex_fn) -> dict:
         flops = 4 * args.batch * args.heads * seq * seq * args.dim * block_density
         row["attncc_tflops_on_computed_blocks"] = flops / t["attncc"] / 1e12
     return row
+
+
+def _document_density(ids: torch.Tensor, seq: int) -> float:
+    """Causal pairs within each document over all pairs (closed form from the lengths)."""
+    lengths = torch.bincount(ids[0].cpu()).double()
+    return float((lengths * (lengths + 1) / 2).sum()) / seq**2
 
 
 def _density(plan: AttentionPlan, device, rows: int = 2048) -> float:

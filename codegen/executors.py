@@ -36,7 +36,8 @@ from attncc.codegen.nonfinite import with_nonfinite_keys
 from attncc.codegen.selectors import run as selectors
 from attncc.codegen.selectors.layout import selection_shape
 from attncc.codegen.torch_exec import attention_torch_backward, attention_torch_forward
-from attncc.ir.documents import same_document
+from attncc.ir import masks as M
+from attncc.ir.documents import SameDocument
 from attncc.ir.plan import AttentionPlan
 
 Tensor = torch.Tensor
@@ -90,18 +91,63 @@ def _dense_score_mods(fast: Callable, dense: Callable) -> Callable:
     return run
 
 
-def _documents_as_bool(fn: Callable) -> Callable:
-    """``fn`` (a CPU path that takes bool mask tensors) for plans over packed documents: their ids
-    become the bool mask ``[B, 1, Sq, Skv]`` they define (S x S: the CPU path only)."""
+def _documents_per_row(fn: Callable) -> Callable:
+    """``fn`` (the CPU path: static masks only) for plans over packed documents: per batch element,
+    the plan with every program intersected with that row's documents (a mask node whose block
+    bounds come from the ids), so empty cross-document blocks are skipped as for any static mask;
+    the row's tables are prepared once per distinct ids."""
 
     @functools.wraps(fn)
     def run(plan: AttentionPlan, *args):
         if plan.mask_kind != "documents":
             return fn(plan, *args)
-        *rest, ids = args
-        return fn(dataclasses.replace(plan, mask_kind="bool"), *rest, same_document(ids, plan.q_len, plan.q_offset))
+        *tensors, ids = args
+        outs = []
+        for b in range(tensors[0].shape[0]):
+            row = ids[b if ids.shape[0] > 1 else 0]
+            one = [t[b : b + 1] for t in tensors]
+            runs = _document_runs(row) if _runs_apply(plan) else None
+            if runs is not None:
+                # contiguous documents and masks of q - kv alone: each document is the plan on
+                # its own tokens (what a varlen kernel runs), with no cross-document block at all
+                parts = [
+                    fn(
+                        dataclasses.replace(plan, q_len=e - a, kv_len=e - a, mask_kind=None),
+                        *(t[:, :, a:e] for t in one),
+                        None,
+                    )
+                    for a, e in runs
+                ]
+                outs.append(tuple(torch.cat(x, dim=2) for x in zip(*parts)))
+                continue
+            docs = SameDocument(row)
+            programs = tuple(M.conj(p, docs) for p in plan.programs)
+            row_plan = dataclasses.replace(plan, programs=programs, mask_kind=None)
+            outs.append(fn(row_plan, *one, None))
+        return tuple(torch.cat(parts) for parts in zip(*outs))
 
     return run
+
+
+def _runs_apply(plan: AttentionPlan) -> bool:
+    """Documents can run one by one: self-attention from the first key, masks of q - kv alone
+    (the same on every document's own positions), model order."""
+    return (
+        plan.q_offset == 0
+        and plan.q_len == plan.kv_len
+        and plan.permute is None
+        and all(p.reads_distance_only for p in plan.programs)
+    )
+
+
+def _document_runs(ids_row: Tensor) -> list[tuple[int, int]] | None:
+    """``(start, end)`` of each document when every document is one contiguous run, else None."""
+    ids_row = ids_row.cpu()
+    cut = (torch.nonzero(ids_row[1:] != ids_row[:-1]).flatten() + 1).tolist()
+    bounds = [0, *cut, ids_row.numel()]
+    if len(bounds) - 1 != torch.unique(ids_row).numel():
+        return None  # an id in two runs: its parts see each other
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 EXECUTORS: dict[str, Executor] = {
@@ -113,12 +159,12 @@ EXECUTORS: dict[str, Executor] = {
             "torch",
             "cpu",
             None,
-            _documents_as_bool(
+            _documents_per_row(
                 _dense_score_mods(functools.partial(with_nonfinite_keys, attention_torch_forward), attention_reference)
             ),
-            _documents_as_bool(_dense_score_mods(attention_torch_backward, _reference_backward)),
+            _documents_per_row(_dense_score_mods(attention_torch_backward, _reference_backward)),
             "the block-sparse CPU path over ATen's fused attention (dense for soft-capped or ALiBi scores)",
-            _documents_as_bool(_dense_score_mods(decode_torch_forward, attention_reference)),
+            _documents_per_row(_dense_score_mods(decode_torch_forward, attention_reference)),
         ),
         Executor("reference", None, None, attention_reference, _reference_backward, "the exact dense attention"),
     )

@@ -49,12 +49,17 @@ def test_flex_predicates_match_plan_masks():
     for case in B.cases(4):
         seq = case.grid[0] * case.grid[1] * case.grid[2] if case.grid else 600
         plan = B.make_plan(case, seq, 4, 4, 16, "float32", 64)
-        mod = B.flex_mask_mod(case, plan)
+        ids = B.document_ids(seq, case.documents) if case.documents else None
+        mod = B.flex_mask_mod(case, plan, ids=ids)
         order = plan.order()
         idx = torch.arange(seq)
         for h in (0, 3):
             got = mod(0, torch.tensor(h), idx.view(-1, 1), idx.view(1, -1))
             want = plan.dense_mask()[h]
+            if ids is not None:
+                # the documents written independently: a token sees its own document's keys
+                want = want & (ids[0][:, None] == ids[0][None, :])
+                assert int(ids.max()) == case.documents - 1 and ids.shape == (1, seq)
             if order is not None:
                 want = want[order][:, order]
             assert torch.equal(got, want), case.name

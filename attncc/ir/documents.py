@@ -11,7 +11,13 @@ device in O(blocks): never S x S.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
+
+from attncc.ir.masks.base import Blocks, Mask, on_grid, on_pairs
 
 
 class DocumentError(ValueError):
@@ -77,3 +83,47 @@ def document_density(ids: torch.Tensor, allowed_static: torch.Tensor | None = No
     if allowed_static is not None:
         same = same & allowed_static
     return float(same.double().mean())
+
+
+@dataclass(frozen=True, eq=False)
+class SameDocument(Mask):
+    """Query and key in one document of ``ids`` (``[Skv]``, one batch element): a mask node
+    built at run time (never written in a spec) so the CPU path classifies blocks of packed
+    rows like any static mask. Equal (and hashed) by the ids' content."""
+
+    ids: torch.Tensor
+    digest: str = ""
+    kind: ClassVar[str] = "documents"
+
+    def __post_init__(self):
+        ids = self.ids.detach().to("cpu", torch.int64).contiguous()
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "digest", hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16])
+        # non-decreasing ids (packed rows): a block's ids run from its first to its last position's
+        object.__setattr__(self, "_sorted", bool((ids[1:] >= ids[:-1]).all()) if ids.numel() > 1 else True)
+
+    def __eq__(self, other):
+        return isinstance(other, SameDocument) and other.digest == self.digest
+
+    def __hash__(self):
+        return hash(("documents", self.digest))
+
+    def _at(self, pos: torch.Tensor) -> torch.Tensor:
+        return self.ids.to(pos.device)[pos.clamp(0, self.ids.numel() - 1)]
+
+    def dense(self, h, q, kv, q_len, kv_len):
+        return on_grid(h, q, kv, self._at(q) == self._at(kv))
+
+    def bounds(self, qb: Blocks, kb: Blocks, h: int):
+        if not self._sorted:
+            return on_pairs(qb, kb, True), on_pairs(qb, kb, False)
+        qlo, qhi, klo, khi = (self._at(x) for x in (qb.lo, qb.hi, kb.lo, kb.hi))
+        may = (qlo <= khi) & (klo <= qhi)
+        must = (qlo == qhi) & (klo == khi) & (qlo == klo)
+        return on_pairs(qb, kb, may), on_pairs(qb, kb, must)
+
+    def triton(self) -> str:
+        raise NotImplementedError("documents reach the Triton kernels as ids (mask_kind 'documents'), not a predicate")
+
+    def to_spec(self):
+        return f"documents#{self.digest}"
