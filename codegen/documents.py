@@ -46,7 +46,8 @@ def document_table(
 
 
 def document_argument(ids: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-    """Document ids ``[B, Skv]`` as the kernels read them: int32, the batch stride, then the same
-    position stride for queries (read at their positions) and keys."""
-    t = ids.to(torch.int32).contiguous()
+    """Document ids ``[B, Skv]`` as the kernels read them: int64 (never narrowed: ids that differ
+    only above 32 bits stay different), the batch stride, then the same position stride for
+    queries (read at their positions) and keys."""
+    t = ids.to(torch.int64).contiguous()
     return t, (t.stride(0) if t.shape[0] > 1 else 0, 0, t.stride(1), t.stride(1))

@@ -86,6 +86,8 @@ class MaskTerm:
     #: term's ``structural`` part (full / causal) holds beside it
     documents: Literal["ids", "positions"] | None = None
     documents_source: fx.Node | None = None
+    #: the value a masked_fill / where writes into excluded scores (checked after the scales)
+    fill: float | None = None
 
 
 @dataclass
@@ -506,7 +508,7 @@ def recover_structure(
     elif term.kind == "disallow":
         allowed = ~t.bool()
     else:
-        tf = t.float()
+        tf = t.float() * term.factor
         excluded = tf <= _EXCLUDE_BELOW
         if not bool(((tf == 0) | excluded).all()):
             return None, "additive mask with values other than 0 / -inf: kept as a runtime tensor"
@@ -575,7 +577,7 @@ def _document_probes(shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.T
     n = shape[-1]
     rows = int(torch.tensor(shape[:-1]).prod()) if len(shape) > 1 else 1
     out = []
-    for family in range(8):
+    for family in range(13):
         row_list = []
         for _ in range(rows):
             if family in (0, 1):
@@ -597,11 +599,79 @@ def _document_probes(shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.T
                 row = torch.randint(0, n + 1, (n,), generator=g)
             elif family == 6:
                 row = torch.zeros(n, dtype=torch.int64)
-            else:
+            elif family == 7:
                 row = torch.arange(n, 0, -1)
+            elif family == 8:
+                row = -torch.randint(1, 4, (n,), generator=g)  # negative ids
+            else:
+                # values far apart that agree modulo 2**8, 2**16, 2**24, 2**32
+                row = torch.randint(0, 3, (n,), generator=g) * (1 << (8 * (family - 8)))
             row_list.append(row)
         out.append(torch.stack(row_list).reshape(shape).to(dtype))
     return out
+
+
+#: method / function names a documents mask may apply to its input's values on the way to the
+#: mask: views and gathers (values moved, never changed), and device moves
+_DOC_MOVES = {"expand", "reshape", "view", "unsqueeze", "squeeze", "contiguous", "clone", "permute", "transpose"}
+_DOC_COMPARE = {"eq", "ne", "le", "ge", "lt", "gt"}
+_DOC_AND = {"and_", "logical_and", "bitwise_and", "__and__", "__iand__"}
+
+
+def _op_name(n: fx.Node) -> str:
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _documents_path_ok(g: nx.DiGraph, x: fx.Node, term: fx.Node) -> tuple[bool, str]:
+    """Every operation between the input ``x`` and the mask ``term`` is one a same-document mask
+    is built from: views and constant-index gathers of ``x`` (values moved, not changed), the
+    packed-position rule (``diff`` with a ``prepend`` of ``x - 1``, ``!= 1``, ``cumsum``),
+    comparisons of two values both read from ``x``, ``&`` of masks, and the bool -> 0 / -inf
+    conversion. Anything that computes with the values (``%``, casts that narrow, comparisons
+    with constants, ``|``) is refused, so the probes below decide among masks of this form only."""
+    path = (nx.descendants(g, x) & nx.ancestors(g, term)) | {term}
+    derived = path | {x}
+    for n in path:
+        name = _op_name(n)
+        ins = [a for a in n.all_input_nodes if a in derived]
+        if n.op not in ("call_function", "call_method"):
+            return False, f"{n.name} is a {n.op}"
+        if name == "getitem":
+            idx = n.args[1] if len(n.args) > 1 else None
+            flat = idx if isinstance(idx, (tuple, list)) else (idx,)
+            if n.args[0] not in derived or any(isinstance(i, fx.Node) and i in derived for i in flat):
+                return False, f"{n.name} indexes with values read from {x.name}"
+            continue
+        if name in _DOC_MOVES:
+            continue
+        if name in ("to", "type"):
+            vin, vout = maybe_tensor(n.args[0]), maybe_tensor(n)
+            if vin is None or vout is None or (vout.dtype != vin.dtype and vout.dtype != torch.int64):
+                return False, f"{n.name} casts {x.name}'s values to {getattr(vout, 'dtype', '?')}"
+            continue
+        if name in ("sub", "add") and all(_op_name(u) == "diff" for u in n.users):
+            continue  # the first position minus one, prepended to diff
+        if name == "diff" or name == "cumsum":
+            continue
+        if name in _DOC_COMPARE:
+            other = [a for a in n.args[:2] if not (isinstance(a, fx.Node) and a in derived)]
+            if other:
+                # only the packed-position rule compares with a constant: diff(...) != 1
+                src = n.args[0]
+                if not (name == "ne" and isinstance(src, fx.Node) and _op_name(src) == "diff" and n.args[1] == 1):
+                    return False, f"{n.name} compares {x.name}'s values with {other[0]}"
+            continue
+        if name in _DOC_AND or name in ("logical_not", "invert", "__invert__"):
+            continue
+        if (
+            name in ("where", "masked_fill")
+            and len(ins) == 1
+            and ins[0] is (n.args[0] if name == "where" else n.args[1])
+        ):
+            continue  # bool condition -> constant values
+        return False, f"{n.name} ({name}) computes with {x.name}'s values"
+    return True, ""
 
 
 def recover_documents(
@@ -611,7 +681,7 @@ def recover_documents(
     equals (same document) & C, C full or causal, where the documents are ``x`` itself (``ids``)
     or those packed position ids ``x`` imply (``positions``, :func:`documents_of_positions`, as
     Hugging Face builds the mask of packed sequences). Checked by evaluating the term on probe
-    inputs of eight families (:func:`_document_probes`) at the graph's static sizes: the term reads
+    inputs of thirteen families (:func:`_document_probes`) at the graph's static sizes: the term reads
     nothing else, so the documents are then read from ``x`` at run time. Returns ((kind, x, C) or
     None, explanation)."""
     if len(batch) != 2:
@@ -630,6 +700,9 @@ def recover_documents(
     nodes = nx.ancestors(g, term.node) | {term.node}
     if _symbolic(list(nodes)):
         return None, ""
+    ok, why = _documents_path_ok(g, x, term.node)
+    if not ok:
+        return None, ""
     shape = tuple(_hint(s) for s in score_shape)
     canon = [roles.index(r) for r in (*batch, "q", "k")]
     probes = _document_probes(tuple(int(s) for s in xv.shape), xv.dtype)
@@ -641,7 +714,7 @@ def recover_documents(
             return None, ""
         if term.kind == "additive":
             # an additive mask is one only with values 0 / excluded (as eager attention's)
-            vf = v.float()
+            vf = v.float() * term.factor
             excluded = vf <= _EXCLUDE_BELOW
             if not bool(((vf == 0) | excluded).all()):
                 return None, ""
@@ -667,7 +740,7 @@ def recover_documents(
                     ok = False
                     break
             if ok:
-                return (how, x, cand), f"proven {cand} within the documents of {x.name} ({how}, on 8 probe inputs)"
+                return (how, x, cand), f"proven {cand} within the documents of {x.name} ({how}, on 13 probe inputs)"
     return None, ""
 
 
@@ -1066,8 +1139,17 @@ class _Detector:
         runtime: RuntimeScale | None = None
         terms: list[MaskTerm] = []
         pre: float | None = None
+        shifted = False
         for op in reversed(ops):
+            if op[0] == "constant":
+                shifted = shifted or pre is None
+                continue
             if op[0] == "tanh":
+                if shifted:
+                    raise NotASite(
+                        "a constant is added to the scores inside tanh: soft-capping is read only as "
+                        "cap * tanh(scale * q.k / cap)"
+                    )
                 if pre is not None:
                     raise NotASite("the scores pass through tanh twice; only one soft-capping is read")
                 if runtime is not None or terms:
@@ -1098,6 +1180,13 @@ class _Detector:
                 if getattr(val(t.node), "requires_grad", False):
                     raise NotASite(f"mask {t.node.name} requires grad; attncc treats masks as constants")
                 terms.append(t)
+        for t in terms:
+            # a fill is a mask only where it is still far below the scores after the scales
+            if t.fill is not None and t.fill * t.factor > _EXCLUDE_BELOW:
+                raise NotASite(
+                    f"{t.node.name} fills masked scores with {t.fill:g}, scaled to {t.fill * t.factor:g} before "
+                    f"the softmax; only -inf or a very negative value (<= {_EXCLUDE_BELOW:g}) is a mask"
+                )
         softcap: float | None = None
         if pre is not None:
             if runtime is not None:
@@ -1153,7 +1242,10 @@ class _Detector:
                         ops.append(("term", MaskTerm(other, "additive")))
                     elif _scalar(other, self.g) is None:
                         return None
-                    # adding a constant to every score does not change softmax
+                    elif _scalar(other, self.g) != 0:
+                        # adding a constant to every score does not change softmax (but it would
+                        # move scores inside a soft-capping: recorded, refused there)
+                        ops.append(("constant",))
                     return chain_side
             return None
         if k == "masked_fill":
@@ -1166,7 +1258,7 @@ class _Detector:
                     f"{cur.name} fills masked scores with {value}; only -inf or a very negative value "
                     f"(<= {_EXCLUDE_BELOW:g}) is a mask"
                 )
-            ops.append(("term", MaskTerm(cond, "disallow")))
+            ops.append(("term", MaskTerm(cond, "disallow", fill=fill)))
             return src
         if k == "where":
             cond, a, b = args[0], args[1], args[2]
@@ -1183,7 +1275,7 @@ class _Detector:
                         raise NotASite(
                             f"{cur.name} replaces scores with {other}; only -inf or a very negative value is a mask"
                         )
-                    ops.append(("term", MaskTerm(cond, kind_)))
+                    ops.append(("term", MaskTerm(cond, kind_, fill=fill)))
                     return chain_side
             return None
         return None

@@ -40,6 +40,11 @@ def _same_shape_view(node: fx.Node) -> bool:
     out, inp = maybe_tensor(node), maybe_tensor(src)
     if out is None or inp is None or tuple(out.shape) != tuple(inp.shape) or not isinstance(src, fx.Node):
         return False
+    sizes = [a for s in node.args[1:] for a in (s if isinstance(s, (tuple, list)) else (s,))]
+    if node.kwargs or out.dtype != inp.dtype or not all(isinstance(a, (int, torch.SymInt, fx.Node)) for a in sizes):
+        return False  # view(dtype) reinterprets the bits: not the identity
+    if any(isinstance(a, fx.Node) and not isinstance(val(a), (int, torch.SymInt)) for a in sizes):
+        return False
     for n in (node, src):
         for u in n.users:
             if (u.op == "call_function" and u.target in _INPLACE_FUNCTIONS) or (

@@ -251,3 +251,55 @@ def test_segment_masks(kind, expect):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     (site,) = attncc.explain(model, q, k, v, seg, spec=FULL).sites
     assert site.runtime_mask == expect
+
+
+class NotDocuments(torch.nn.Module):
+    """Masks of one integer input that agree with "same document" on ordinary ids but not on all:
+    a negative id as a global token, ids compared modulo 256 or through int8, huge ids as padding
+    that sees everything. None may be read as documents."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v, seg):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        a, b = seg[:, None, :, None], seg[:, None, None, :]
+        m = {
+            "negative_global": lambda: (a == b) | (b < 0),
+            "modulo": lambda: (a % 256) == (b % 256),
+            "int8": lambda: a.to(torch.int8) == b.to(torch.int8),
+            "padding_sees_all": lambda: (a == b) | (a >= 10000),
+        }[self.kind]()
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m & causal)
+
+
+@pytest.mark.parametrize("kind", ["negative_global", "modulo", "int8", "padding_sees_all"])
+def test_masks_that_only_look_like_documents_stay_tensors(kind):
+    import attncc
+
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
+    ordinary = packed([20, 30, 14]).unsqueeze(0)
+    model = NotDocuments(kind)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="attncc", options={"spec": FULL, "strict": True})
+    torch.testing.assert_close(compiled(q, k, v, ordinary), model(q, k, v, ordinary), atol=1e-5, rtol=0)
+    # ids where the mask is not "same document": the answer still is the model's
+    tricky = ordinary.clone()
+    tricky[0, :3] = -1
+    tricky[0, 40:] = 10000 if kind == "padding_sees_all" else 256
+    torch.testing.assert_close(compiled(q, k, v, tricky), model(q, k, v, tricky), atol=1e-5, rtol=0)
+    (site,) = attncc.explain(model, q, k, v, ordinary, spec=FULL).sites
+    assert site.runtime_mask == "bool"
+
+
+def test_ids_that_differ_above_32_bits_stay_different():
+    mask, pred = MASKS["causal"]
+    plan = plan_of(mask, n=32)
+    ids = torch.tensor([[0] * 8 + [2**32] * 24])
+    q, k, v, _ = inputs(plan, seed=10)
+    out, _ = E.run(plan, q, k, v, ids, executor="interpret")
+    ref = expected(q.double(), k.double(), v.double(), ids, pred, plan.scale)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)

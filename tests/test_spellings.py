@@ -331,3 +331,46 @@ def test_a_bias_that_is_not_alibi_stays_a_runtime_tensor(kind):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     (site,) = attncc.explain(model, q, k, v, spec=FULL).sites
     assert "alibi" not in site.kernel
+
+
+class ShiftedCap(torch.nn.Module):
+    """tanh of shifted scores (not a soft-capping) and a fill that the scales bring back up."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        s = q @ k.transpose(-1, -2) * 0.25
+        if self.how == "shift_in_tanh":
+            s = torch.tanh(s / 2 + 0.7) * 2
+            s = s.masked_fill(~causal, float("-inf"))
+        else:  # the fill is -1 after the scale: masked keys still count
+            s = s.masked_fill(~causal, -1e4) * 1e-4
+        return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("how", ["shift_in_tanh", "fill_scaled_up"])
+def test_scores_that_only_look_capped_or_masked_are_left(how):
+    q, k, v, _ = _inputs()
+    q = q * 4
+    model = ShiftedCap(how)
+    want = model(q, k, v)
+    got = torch.compile(model, backend="attncc", options={"spec": FULL})(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert attncc.counters["rewritten"] == 0 and attncc.counters["skipped"] == 1
+
+
+def test_a_view_to_another_dtype_is_not_dropped():
+    class Bits(torch.nn.Module):
+        def forward(self, q, k, v):
+            out = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1) @ v
+            return out, (q * 1).view(torch.int32)
+
+    q, k, v, _ = _inputs()
+    out, bits = torch.compile(Bits(), backend="attncc", options={"spec": FULL})(q, k, v)
+    want_out, want_bits = Bits()(q, k, v)
+    assert bits.dtype == torch.int32 and torch.equal(bits, want_bits)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=0)
