@@ -46,6 +46,8 @@ EXPLAIN = {
     "hunyuan_video": (1056, 2, 1, {0: "video-text"}),
     "flux_text_image": (1536, 2, 1, {0: "text-image"}),
     "radial_video": (2048, 1, 1, {0: "radial"}),
+    "uni_encoder": (456, 1, 1, {0: "rules[0]"}),
+    "anchor_attention": (4096, 1, 1, {0: "rules[0]"}),
 }
 
 

@@ -324,3 +324,22 @@ def test_spec_size_limit(tmp_path):
     for src in (path, text):
         with pytest.raises(SpecError, match="larger than 1048576 bytes"):
             load_spec(src)
+
+
+def test_uni_encoder_spec_is_context_plus_own_candidate():
+    """specs/uni_encoder.yaml against the layout written out: 200 context tokens, candidates of 64."""
+    n, c, size = 200 + 4 * 64, 200, 64
+    got = attncc.dense_mask(attncc.load_spec(ROOT / "specs" / "uni_encoder.yaml"), n)[0]
+    pos = torch.arange(n)
+    cand = torch.where(pos < c, -1, (pos - c) // size)  # -1: context
+    want = (pos[None, :] < c) | ((cand[:, None] == cand[None, :]) & (cand[:, None] >= 0))
+    want |= (pos[:, None] < c) & (pos[None, :] < c)
+    assert torch.equal(got, want)
+
+
+def test_anchor_attention_spec_is_causal_documents_plus_anchor():
+    n, doc = 3 * 2048, 2048
+    got = attncc.dense_mask(attncc.load_spec(ROOT / "specs" / "anchor_attention.yaml"), n)[0]
+    q, k = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    want = (k <= q) & ((k == 0) | (q // doc == k // doc))
+    assert torch.equal(got, want)

@@ -40,9 +40,17 @@ class Where(_Strict):
     module: str | None = Field(default=None, description="glob on the module path, e.g. '*.self_attn'")
 
 
+class PermuteText(_Strict):
+    tokens: int = Field(ge=0, le=MAX_INT)
+    at: Literal["start", "end"] = "start"
+
+
 class Permute(_Strict):
     grid: list[Int] | None = None
     tile: list[Int] | None = None
+    text: PermuteText | None = Field(
+        default=None, description="text tokens of a joint sequence, at its start or end: they keep their slots"
+    )
     by: Literal["key_importance"] | None = None
     segment: int | None = Field(default=None, ge=1, le=MAX_INT)
 
@@ -182,4 +190,5 @@ class Spec(_Strict):
         if p is None or p.grid is None or p.tile is None:
             return None
         (gt, gh, gw), (tt, th, tw) = p.grid, p.tile
-        return TilePermutation((gt, gh, gw), (tt, th, tw))
+        text = (p.text.tokens, p.text.at) if p.text is not None else (0, "start")
+        return TilePermutation((gt, gh, gw), (tt, th, tw), *text)

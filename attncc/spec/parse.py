@@ -104,6 +104,8 @@ def _check_permute(spec: Spec, i: int) -> None:
                 )
         if p.by is not None:
             raise error_at("use either a static grid/tile permutation or 'by', not both", src, lines, base_path)
+    elif p.text is not None:
+        raise error_at("permute.text goes with a static {grid, tile} permutation", src, lines, base_path + ("text",))
     elif p.by is None:
         raise error_at("permute needs {grid, tile} or {by, segment}", src, lines, base_path)
 
