@@ -54,3 +54,13 @@ def test_apply_diffusers_example_in_usage(tmp_path):
     pytest.importorskip("diffusers")
     out = run_example(tmp_path, "attncc.apply on a diffusers model")
     assert printed(out, "max |out - reference|") <= 1e-5
+
+
+def test_packed_documents_example_in_usage(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example(tmp_path, "Packed sequences (documents)")
+    assert printed(out, "max |logits - reference|") <= 1e-4
+    # a 16-token window inside documents of 20, 33, 27 tokens (causal pairs within the window)
+    want = sum(sum(min(i + 1, 16) for i in range(n)) for n in (20, 33, 27)) / 80**2
+    densities = re.search(r"density: \[(.*?)\]", out).group(1).split(", ")
+    assert [float(d) for d in densities] == pytest.approx([want] * 2, abs=1e-4)
