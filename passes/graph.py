@@ -113,7 +113,8 @@ def input_sources(g: nx.DiGraph, node: fx.Node) -> list[fx.Node] | None:
     if any(n.op in ("call_module", "get_attr") for n in nodes):
         return None
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    return sorted((n for n in nodes if n.op == "placeholder" and not _is_symbolic_scalar(val(n))), key=order.get)
+    inputs = [n for n in nodes if n.op == "placeholder" and not _is_symbolic_scalar(val(n))]
+    return sorted(inputs, key=order.__getitem__)
 
 
 def evaluate_with(g: nx.DiGraph, node: fx.Node, source: fx.Node, value: torch.Tensor) -> object:

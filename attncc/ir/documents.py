@@ -93,6 +93,8 @@ class SameDocument(Mask):
 
     ids: torch.Tensor
     digest: str = ""
+    #: non-decreasing ids (set from ``ids``)
+    _sorted: bool = False
     kind: ClassVar[str] = "documents"
 
     def __post_init__(self):

@@ -239,7 +239,7 @@ def plan_for(spec: Spec, shape: SiteShape, check: bool = True) -> AttentionPlan 
     programs = tuple(M.conj(p, shape.model_mask) for p in policy.programs)
     located = f"(rule '{policy.rule}' at {shape.where})"
     if shape.q_positions == "unknown":
-        reading = next((p for p in programs if p.reads_query), None)
+        reading: M.Mask | str | None = next((p for p in programs if p.reads_query), None)
         if reading is None and shape.score_mod is not None and shape.score_mod.alibi is not None:
             reading = f"(the model's ALiBi bias, {shape.score_mod})"
         if reading is not None:
