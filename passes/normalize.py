@@ -2,7 +2,8 @@
 casts), write in-place arithmetic on fresh tensors out of place (``scores /= sqrt(d)``,
 ``scores.masked_fill_(...)``) where no later reader can tell, spell ``baddbmm`` (Bloom's fused
 bias + QK^T) as its product, scale and sum, and move a ``[B*H] -> [B, H]`` view of the scores (and
-its inverse before P @ V) onto the operands, so detection reads one spelling of each."""
+its inverse before P @ V) onto the operands, and read ``exp / sum`` as softmax, so detection
+reads one spelling of each."""
 
 from __future__ import annotations
 
@@ -318,6 +319,56 @@ def _heads_merged_values(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+def _last_dim(node: fx.Node, dim: object) -> bool:
+    t = maybe_tensor(node)
+    return t is not None and isinstance(dim, int) and dim in (-1, t.dim() - 1)
+
+
+def _exp_sum_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``e / e.sum(-1, keepdim=True)`` with ``e = exp(x)`` or ``exp(x - x.amax(-1, keepdim=True))``
+    -> ``softmax(x, -1)``: the same function (softmax subtracts the row maximum itself, so where the
+    model's plain ``exp`` would overflow to inf / inf the softmax stays finite). Only where ``e``
+    has no other reader."""
+    if kind(node) != "div" or len(node.args) != 2 or node.kwargs:
+        return False
+    e, d = node.args
+    if not (isinstance(e, fx.Node) and isinstance(d, fx.Node)):
+        return False
+    if _op_name_of(e) != "exp" or len(e.args) != 1 or e.kwargs or not isinstance(e.args[0], fx.Node):
+        return False
+    if _op_name_of(d) != "sum" or d.args[0] is not e or set(e.users) != {d, node} or len(d.users) != 1:
+        return False
+    dim = d.args[1] if len(d.args) > 1 else d.kwargs.get("dim")
+    if not (d.kwargs.get("keepdim") or (len(d.args) > 2 and d.args[2] is True)) or not _last_dim(e, dim):
+        return False
+    if set(d.kwargs) - {"dim", "keepdim"}:
+        return False
+    x = e.args[0]
+    shifted: list[fx.Node] = []
+    # exp(s - s.amax(-1, keepdim=True)): the row maximum softmax subtracts anyway
+    if _op_name_of(x) == "sub" and len(x.args) == 2 and isinstance(x.args[1], fx.Node) and len(x.users) == 1:
+        s0, m = x.args
+        mdim = m.args[1] if len(m.args) > 1 else m.kwargs.get("dim")
+        if _op_name_of(m) == "amax" and m.args[0] is s0 and m.kwargs.get("keepdim") and _last_dim(s0, mdim):
+            shifted, x = [x, m], s0
+    g = gm.graph
+    with g.inserting_before(node):
+        sm = _emit(g, "call_function", torch.softmax, (x, -1))
+    sm.meta.setdefault("example_value", node.meta.get("example_value", node.meta.get("val")))
+    node.replace_all_uses_with(sm)
+    for n in (node, d, e, *shifted):
+        if not n.users:
+            g.erase_node(n)
+    return True
+
+
+def _op_name_of(n: object) -> str:
+    if not isinstance(n, fx.Node) or n.op not in ("call_function", "call_method"):
+        return ""
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
 @dataclass(frozen=True)
 class NormalizeResult:
     removed: int
@@ -353,7 +404,7 @@ def normalize(gm: fx.GraphModule) -> NormalizeResult:
             removed += 1
     # after the identities are gone, so eval dropout between softmax and the view does not hide it
     # scores first: the product of a split view is read as QK, not as P @ V of its own operands
-    for respell in (_heads_split_scores, _heads_merged_values):
+    for respell in (_exp_sum_softmax, _heads_split_scores, _heads_merged_values):
         for node in list(gm.graph.nodes):
             if node.graph is gm.graph and respell(gm, node):
                 rewritten += 1

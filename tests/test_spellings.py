@@ -374,3 +374,43 @@ def test_a_view_to_another_dtype_is_not_dropped():
     want_out, want_bits = Bits()(q, k, v)
     assert bits.dtype == torch.int32 and torch.equal(bits, want_bits)
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=0)
+
+
+class ExpSum(torch.nn.Module):
+    """softmax written with exp and sum (plain, and with the row maximum subtracted)."""
+
+    def __init__(self, shifted: bool):
+        super().__init__()
+        self.shifted = shifted
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        s = q @ k.transpose(-1, -2) * 0.25
+        s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        e = torch.exp(s - s.amax(-1, keepdim=True)) if self.shifted else s.exp()
+        return (e / e.sum(dim=-1, keepdim=True)) @ v
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["plain", "max-shifted"])
+def test_exp_sum_softmax_is_read_as_softmax(shifted):
+    q, k, v, _ = _inputs()
+    model = ExpSum(shifted)
+    want = model(q, k, v)
+    got = torch.compile(model, backend="attncc", options={"spec": FULL, "strict": True})(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    (site,) = attncc.explain(model, q, k, v, spec=FULL).sites
+    assert (site.model_mask, site.runtime_mask) == ("causal", None)
+
+
+def test_exp_whose_values_are_read_elsewhere_is_left():
+    class Leaky(torch.nn.Module):
+        def forward(self, q, k, v):
+            e = (q @ k.transpose(-1, -2)).exp()
+            return (e / e.sum(-1, keepdim=True)) @ v, e.mean()
+
+    q, k, v, _ = _inputs()
+    out, m = torch.compile(Leaky(), backend="attncc", options={"spec": FULL})(q, k, v)
+    want, wm = Leaky()(q, k, v)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(m, wm)
+    assert attncc.counters["rewritten"] == 0
