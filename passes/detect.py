@@ -782,6 +782,7 @@ class _Detector:
         self.g = to_networkx(gm.graph)
         self.sites: list[AttentionSite] = []
         self.skipped: list[Skipped] = []
+        self.documents_seen: dict[tuple, tuple] = {}
 
     def run(self) -> DetectResult:
         for node in list(self.gm.graph.nodes):
@@ -910,7 +911,13 @@ class _Detector:
                     t.structural, t.alibi = M.Full(), slopes
                 why = alibi_why or why
             if t.structural is None and offset is not None:
-                found, doc_why = recover_documents(self.g, t, tuple(shape), site.score_roles, site.batch, offset)
+                # layers share the model's one mask: its probes run once per graph
+                memo = (t.node, t.kind, t.factor, tuple(shape), tuple(site.score_roles), tuple(site.batch), offset)
+                if memo not in self.documents_seen:
+                    self.documents_seen[memo] = recover_documents(
+                        self.g, t, tuple(shape), site.score_roles, site.batch, offset
+                    )
+                found, doc_why = self.documents_seen[memo]
                 if found is not None:
                     t.documents, t.documents_source, t.structural = found
                     why = doc_why

@@ -343,14 +343,15 @@ def _exp_sum_softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
         return False
     if set(d.kwargs) - {"dim", "keepdim"}:
         return False
-    x = e.args[0]
+    x: fx.Node = e.args[0]
     shifted: list[fx.Node] = []
     # exp(s - s.amax(-1, keepdim=True)): the row maximum softmax subtracts anyway
-    if _op_name_of(x) == "sub" and len(x.args) == 2 and isinstance(x.args[1], fx.Node) and len(x.users) == 1:
+    if _op_name_of(x) == "sub" and len(x.args) == 2 and len(x.users) == 1:
         s0, m = x.args
-        mdim = m.args[1] if len(m.args) > 1 else m.kwargs.get("dim")
-        if _op_name_of(m) == "amax" and m.args[0] is s0 and m.kwargs.get("keepdim") and _last_dim(s0, mdim):
-            shifted, x = [x, m], s0
+        if isinstance(s0, fx.Node) and isinstance(m, fx.Node) and _op_name_of(m) == "amax":
+            mdim = m.args[1] if len(m.args) > 1 else m.kwargs.get("dim")
+            if m.args[0] is s0 and m.kwargs.get("keepdim") and _last_dim(s0, mdim):
+                shifted, x = [x, m], s0
     g = gm.graph
     with g.inserting_before(node):
         sm = _emit(g, "call_function", torch.softmax, (x, -1))
