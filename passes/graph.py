@@ -90,6 +90,12 @@ def constant_subgraph(g: nx.DiGraph, node: fx.Node) -> list[fx.Node] | None:
 def evaluate(nodes: list[fx.Node]) -> object:
     """Run a constant subgraph (from :func:`constant_subgraph`) on real tensors; symbolic sizes
     take their hint (the size this graph was traced with). Returns the last node's value."""
+    return _run(nodes, nodes[-1], {})
+
+
+def _run(nodes: list[fx.Node], output: fx.Node, given: dict[fx.Node, object]) -> object:
+    """Copy ``nodes`` (in graph order) into a graph of their own and run it on real tensors:
+    placeholders take ``given`` values, else their hints; returns ``output``'s value."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     graph = fx.Graph()
@@ -98,10 +104,10 @@ def evaluate(nodes: list[fx.Node]) -> object:
     for n in nodes:
         if n.op == "placeholder":
             env[n] = graph.placeholder(n.name)
-            inputs.append(_hint(val(n)))
+            inputs.append(given[n] if n in given else _hint(val(n)))
         else:
             env[n] = graph.node_copy(n, lambda x: env[x])
-    graph.output(env[nodes[-1]])
+    graph.output(env[output])
     with unset_fake_temporarily(), torch.no_grad():
         return fx.GraphModule(torch.nn.Module(), graph)(*inputs)
 
@@ -120,20 +126,6 @@ def input_sources(g: nx.DiGraph, node: fx.Node) -> list[fx.Node] | None:
 def evaluate_with(g: nx.DiGraph, node: fx.Node, source: fx.Node, value: torch.Tensor) -> object:
     """Run the subgraph computing ``node`` with the graph input ``source`` replaced by ``value``
     (it must be the only tensor input ``node`` reads; symbolic sizes take their hints)."""
-    nodes = nx.ancestors(g, node) | {node}
     order = {n: i for i, n in enumerate(node.graph.nodes)}
-    nodes_sorted = sorted(nodes, key=order.__getitem__)
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    inputs = []
-    for n in nodes_sorted:
-        if n.op == "placeholder":
-            env[n] = graph.placeholder(n.name)
-            inputs.append(value if n is source else _hint(val(n)))
-        else:
-            env[n] = graph.node_copy(n, lambda x: env[x])
-    graph.output(env[node])
-    with unset_fake_temporarily(), torch.no_grad():
-        return fx.GraphModule(torch.nn.Module(), graph)(*inputs)
+    nodes = sorted(nx.ancestors(g, node) | {node}, key=order.__getitem__)
+    return _run(nodes, node, {source: value})

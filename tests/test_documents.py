@@ -47,6 +47,19 @@ def expected(q, k, v, ids, pred, scale):
     return torch.softmax(s, -1) @ vv
 
 
+def check_forward_and_backward(plan, q, k, v, ids, pred, executor) -> None:
+    """The executor's output and gradients against :func:`expected` (fp64, autograd)."""
+    out, lse = E.run(plan, q, k, v, ids, executor=executor)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref = expected(qd, kd, vd, ids, pred, plan.scale)
+    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=0)
+    dout = torch.randn_like(out)
+    ref.backward(dout.double())
+    grads = E.run_backward(plan, q, k, v, out, lse, dout, mask=ids, executor=executor)
+    for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
+        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
+
+
 def plan_of(mask, n=110, **kw) -> AttentionPlan:
     return AttentionPlan.of(
         mask, num_heads=4, num_kv_heads=2, q_len=n, head_dim=16, block=16, mask_kind="documents", **kw
@@ -59,15 +72,7 @@ def test_forward_and_backward_match_fp64(executor, case):
     mask, pred = MASKS[case]
     plan = plan_of(mask)
     q, k, v, _ = inputs(plan, batch=2, seed=5)
-    out, lse = E.run(plan, q, k, v, IDS, executor=executor)
-    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
-    ref = expected(qd, kd, vd, IDS, pred, plan.scale)
-    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=0)
-    dout = torch.randn_like(out)
-    ref.backward(dout.double())
-    grads = E.run_backward(plan, q, k, v, out, lse, dout, mask=IDS, executor=executor)
-    for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
-        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
+    check_forward_and_backward(plan, q, k, v, IDS, pred, executor)
 
 
 def test_kernels_visit_only_blocks_whose_documents_meet():
@@ -114,15 +119,7 @@ def test_unsorted_ids_are_exact(executor):
     plan = plan_of(mask, n=64)
     ids = torch.tensor([0] * 16 + [1] * 16 + [0] * 16 + [2] * 16).expand(2, 64)
     q, k, v, _ = inputs(plan, batch=2, seed=7)
-    out, lse = E.run(plan, q, k, v, ids, executor=executor)
-    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
-    ref = expected(qd, kd, vd, ids, pred, plan.scale)
-    torch.testing.assert_close(out.double(), ref.detach(), atol=2e-5, rtol=0)
-    dout = torch.randn_like(out)
-    ref.backward(dout.double())
-    grads = E.run_backward(plan, q, k, v, out, lse, dout, mask=ids, executor=executor)
-    for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
-        torch.testing.assert_close(got.double(), want, atol=5e-5, rtol=0)
+    check_forward_and_backward(plan, q, k, v, ids, pred, executor)
 
 
 @pytest.mark.parametrize(

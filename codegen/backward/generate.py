@@ -103,15 +103,7 @@ def _probabilities(
     allowed = q_ok[:, None] & kv_ok[None, :]  # [BM, BN]
     if APPLY_MASK:
         allowed = allowed & _mask(q_rows[:, None] + Q_OFFSET, kv_rows[None, :], off_h, KV_LEN, prog)
-    if HAS_MASK_TENSOR:
-        m_ptr = (MaskT + off_b * stride_mb + off_h * stride_mh
-                 + q_rows[:, None] * stride_mm + kv_rows[None, :] * stride_mn)  # [BM, BN]
-        m_val = tl.load(m_ptr, mask=q_ok[:, None] & kv_ok[None, :], other=0)
-        if MASK_IS_BOOL:
-            allowed = allowed & (m_val != 0)
-        else:
-            qk = qk + m_val.to(tl.float32)
-    if APPLY_MASK or HAS_MASK_TENSOR or not (EVEN_Q and EVEN_KV):
+{mask_tensor}    if APPLY_MASK or HAS_MASK_TENSOR or not (EVEN_Q and EVEN_KV):
         qk = tl.where(allowed, qk, float("-inf"))
     return tl.exp(qk - lse[:, None])
 '''
@@ -318,7 +310,7 @@ _P_RETURN = "    return tl.exp(qk - lse[:, None])\n"
 _DS = "    ds = p * (dp - delta[:, None])  # [BM, BN]\n"
 
 
-#: the model's mask tensor in ``_probabilities`` ...
+#: the model's mask tensor in ``_probabilities`` (its ``{mask_tensor}``) ...
 _MASK_TENSOR_STEP = """\
     if HAS_MASK_TENSOR:
         m_ptr = (MaskT + off_b * stride_mb + off_h * stride_mh
@@ -391,10 +383,9 @@ def backward_source(plan: AttentionPlan) -> str:
     if plan.score_mod is not None:
         parts.append("\n" + plan.score_mod.triton_source(with_grad=plan.score_mod.softcap is not None))
     parts.append(_PREPROCESS.replace("{name}", names["preprocess"]))
-    helpers, (dkdv_step, dq_step) = _with_score_mod(plan, _HELPERS, [_DKDV_STEP, _DQ_STEP])
-    if plan.mask_kind == "documents":
-        assert helpers.count(_MASK_TENSOR_STEP) == 1
-        helpers = helpers.replace(_MASK_TENSOR_STEP, _DOCUMENTS_STEP)
+    step = _DOCUMENTS_STEP if plan.mask_kind == "documents" else _MASK_TENSOR_STEP
+    helpers = _HELPERS.replace("{mask_tensor}", step)
+    helpers, (dkdv_step, dq_step) = _with_score_mod(plan, helpers, [_DKDV_STEP, _DQ_STEP])
     parts.append(helpers)
     parts.append(dkdv_step.replace("{name}", f"{p}_bwd_dkdv_step"))
     parts.append(_kernel(_DKDV, _DKDV_LOOP, names["dkdv"], f"{p}_bwd_dkdv_step", "DK, DV"))

@@ -197,15 +197,7 @@ def _visit_kv_block(
         k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, k_t{dot_kwargs}) * qk_scale  # [BM, BN]
-{score_mod}    if HAS_MASK_TENSOR:
-        m_ptrs = MaskTensor + off_b * stride_mb + off_h * stride_mh + q_idx[:, None] * stride_mq \\
-            + kv_idx[None, :] * stride_mk
-        model_mask = tl.load(m_ptrs, mask=q_valid[:, None] & kv_valid[None, :], other=0)  # [BM, BN]
-        if MASK_ADDITIVE:
-            s += model_mask.to(tl.float32) * LOG2E
-        else:
-            s = tl.where(model_mask != 0, s, float("-inf"))
-    if IS_PARTIAL:
+{score_mod}{mask_tensor}    if IS_PARTIAL:
         allowed = _mask(q_pos, kv_idx[None, :], off_h, KV_LEN, program)  # [BM, BN]
         if not EVEN_KV:
             allowed = allowed & kv_valid[None, :]
@@ -354,7 +346,7 @@ _SCORE_MOD_CALL = (
 )
 
 
-#: the model's mask tensor in ``_visit_kv_block`` ...
+#: the model's mask tensor in ``_visit_kv_block`` (its ``{mask_tensor}``) ...
 _MASK_TENSOR_STEP = """\
     if HAS_MASK_TENSOR:
         m_ptrs = MaskTensor + off_b * stride_mb + off_h * stride_mh + q_idx[:, None] * stride_mq \\
@@ -384,10 +376,11 @@ def kernel_helpers(plan: AttentionPlan) -> str:
     dot_kwargs = ', input_precision="ieee"' if plan.dtype == "float32" else ""
     mod = plan.score_mod
     score_mod = "" if mod is None else mod.triton_source() + "\n\n"
-    visit = _VISIT.format(dot_kwargs=dot_kwargs, score_mod="" if mod is None else _SCORE_MOD_CALL)
-    if plan.mask_kind == "documents":
-        assert visit.count(_MASK_TENSOR_STEP) == 1
-        visit = visit.replace(_MASK_TENSOR_STEP, _DOCUMENTS_STEP)
+    visit = _VISIT.format(
+        dot_kwargs=dot_kwargs,
+        score_mod="" if mod is None else _SCORE_MOD_CALL,
+        mask_tensor=_DOCUMENTS_STEP if plan.mask_kind == "documents" else _MASK_TENSOR_STEP,
+    )
     return emit_mask_predicate(plan) + "\n\n" + score_mod + _LOAD_2D + visit
 
 
