@@ -1245,11 +1245,12 @@ class _Detector:
                 return None
             for chain_side, other in ((a, b), (b, a)):
                 if isinstance(chain_side, fx.Node) and self._reaches_product(chain_side):
+                    constant = None if isinstance(other, fx.Node) else _scalar(other, self.g)
                     if isinstance(other, fx.Node):
                         ops.append(("term", MaskTerm(other, "additive")))
-                    elif _scalar(other, self.g) is None:
+                    elif constant is None:
                         return None
-                    elif _scalar(other, self.g) != 0:
+                    elif constant != 0:
                         # adding a constant to every score does not change softmax (but it would
                         # move scores inside a soft-capping: recorded, refused there)
                         ops.append(("constant",))

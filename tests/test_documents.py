@@ -214,8 +214,10 @@ def test_explain_reports_the_document_density():
 
 
 class SegmentMask(torch.nn.Module):
-    """SDPA with a mask written from segment ids: the same-document mask (and causal), or masks
-    of segment ids that are not documents."""
+    """SDPA with a mask written from segment ids (and causal): the same-document mask, or masks of
+    segment ids that are not documents -- ordered ids, and masks that agree with "same document"
+    on ordinary ids but not on all (a negative id as a global token, ids compared modulo 256 or
+    through int8, huge ids as padding that sees everything)."""
 
     def __init__(self, kind: str):
         super().__init__()
@@ -224,12 +226,16 @@ class SegmentMask(torch.nn.Module):
     def forward(self, q, k, v, seg):
         n = q.shape[-2]
         causal = torch.ones(n, n, dtype=torch.bool).tril()
-        same = seg[:, None, :, None] == seg[:, None, None, :]
-        if self.kind == "documents":
-            m = same & causal
-        else:
-            m = (seg[:, None, :, None] >= seg[:, None, None, :]) & causal
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        a, b = seg[:, None, :, None], seg[:, None, None, :]
+        m = {
+            "documents": lambda: a == b,
+            "ordered": lambda: a >= b,
+            "negative_global": lambda: (a == b) | (b < 0),
+            "modulo": lambda: (a % 256) == (b % 256),
+            "int8": lambda: a.to(torch.int8) == b.to(torch.int8),
+            "padding_sees_all": lambda: (a == b) | (a >= 10000),
+        }[self.kind]()
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m & causal)
 
 
 @pytest.mark.parametrize("kind,expect", [("documents", "documents"), ("ordered", "bool")])
@@ -250,28 +256,6 @@ def test_segment_masks(kind, expect):
     assert site.runtime_mask == expect
 
 
-class NotDocuments(torch.nn.Module):
-    """Masks of one integer input that agree with "same document" on ordinary ids but not on all:
-    a negative id as a global token, ids compared modulo 256 or through int8, huge ids as padding
-    that sees everything. None may be read as documents."""
-
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
-
-    def forward(self, q, k, v, seg):
-        n = q.shape[-2]
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        a, b = seg[:, None, :, None], seg[:, None, None, :]
-        m = {
-            "negative_global": lambda: (a == b) | (b < 0),
-            "modulo": lambda: (a % 256) == (b % 256),
-            "int8": lambda: a.to(torch.int8) == b.to(torch.int8),
-            "padding_sees_all": lambda: (a == b) | (a >= 10000),
-        }[self.kind]()
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m & causal)
-
-
 @pytest.mark.parametrize("kind", ["negative_global", "modulo", "int8", "padding_sees_all"])
 def test_masks_that_only_look_like_documents_stay_tensors(kind):
     import attncc
@@ -279,7 +263,7 @@ def test_masks_that_only_look_like_documents_stay_tensors(kind):
     g = torch.Generator().manual_seed(9)
     q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
     ordinary = packed([20, 30, 14]).unsqueeze(0)
-    model = NotDocuments(kind)
+    model = SegmentMask(kind)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="attncc", options={"spec": FULL, "strict": True})
     torch.testing.assert_close(compiled(q, k, v, ordinary), model(q, k, v, ordinary), atol=1e-5, rtol=0)
